@@ -1,0 +1,181 @@
+"""The runner: materialise a case, run the chain stage by stage on a target, apply faults.
+
+Every stage's input (as the stage received it, after upstream faults) and output (as the stage
+produced it, before faults) is kept in the `RunResult`, so invariants check each stage against
+exactly what it was given. An `IllegalAccess` or `LaunchConfigError` ends the run with a finding
+naming the stage; a `ContractError` ends it as a clean rejection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from harness.backends.target import Target
+from harness.bugs import FIXED, BugSet
+from harness.case import Materialized, MoECase, generator, materialize
+from harness.chain import StageContext
+from harness.chain.dispatch import CombineInput, DispatchInput, DispatchOutput
+from harness.chain.experts import ExpertsInput, ExpertsOutput, FinalizeInput
+from harness.chain.gating import GatingInput, GatingOutput
+from harness.chain.lora_align import LoraAlignInput, LoraAlignOutput
+from harness.chain.sort_align import SortAlignInput, SortAlignOutput
+from harness.errors import ContractError, IllegalAccess, LaunchConfigError
+from harness.faults import apply_fault
+from harness.findings import Finding
+
+
+@dataclass(eq=False)
+class RankRun:
+    """The per-rank part of the chain (sort_align -> experts -> finalize) on one destination."""
+
+    rank: int
+    sort_in: SortAlignInput | None = None
+    sort_out: SortAlignOutput | None = None
+    experts_in: ExpertsInput | None = None
+    experts_out: ExpertsOutput | None = None
+    finalize_in: FinalizeInput | None = None
+    finalize_out: torch.Tensor | None = None
+
+
+@dataclass(eq=False)
+class RunResult:
+    """Everything one run produced; `findings` holds the errors raised by stages (invariant
+    findings are added by `harness.invariants.check`)."""
+
+    case: MoECase
+    bugs: BugSet
+    target: str
+    tensors: Materialized | None = None
+    gating_in: GatingInput | None = None
+    gating_out: GatingOutput | None = None
+    dispatch_in: DispatchInput | None = None
+    dispatch_out: DispatchOutput | None = None
+    ranks: list[RankRun] = field(default_factory=list)
+    output: torch.Tensor | None = None
+    lora_in: LoraAlignInput | None = None
+    lora_out: LoraAlignOutput | None = None
+    findings: list[Finding] = field(default_factory=list)
+    rejected: ContractError | None = None
+    coverage: Counter = field(default_factory=Counter)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def completed(self) -> bool:
+        return not self.findings and self.rejected is None and self.output is not None
+
+
+class _Stop(Exception):
+    """Internal: a stage failed and the run ends here."""
+
+
+def _faulted(case: MoECase, boundary: str, out):
+    """`out` with the case's faults at `boundary` applied to their tensors (a copy)."""
+    faults = [f for f in case.faults if f.boundary == boundary]
+    if not faults:
+        return out
+    changes: dict[str, torch.Tensor] = {}
+    for f in faults:
+        changes[f.tensor] = apply_fault(changes.get(f.tensor, getattr(out, f.tensor)), f)
+    return dataclasses.replace(out, **changes)
+
+
+def recv_garbage(case: MoECase) -> torch.Tensor:
+    """What the receive buffers' padding slots hold before sanitize: expert ids of an earlier
+    step, in [0, 2E) (half of them out of range), [ep, ep, M, K] int32."""
+    shape = (case.ep_size, case.ep_size, case.recv_slots, case.topk)
+    return torch.randint(0, 2 * case.num_experts, shape, generator=generator(case.seed, "garbage"),
+                         dtype=torch.int32)
+
+
+def run_case(case: MoECase, target: Target, bugs: BugSet = FIXED) -> RunResult:
+    """Run `case` once on `target` with `bugs` on. Raises `CaseError` for an invalid case."""
+    tensors = materialize(case)
+    res = RunResult(case, bugs, target.name, tensors)
+    ctx = StageContext(bugs=bugs, coverage=res.coverage)
+    try:
+        _run(case, target, ctx, res)
+    except _Stop:
+        pass
+    return res
+
+
+def _call(res: RunResult, stage: str, fn, *args):
+    start = time.perf_counter()
+    try:
+        return fn(*args)
+    except (IllegalAccess, LaunchConfigError) as exc:
+        check = "illegal-access" if isinstance(exc, IllegalAccess) else "launch-config"
+        details = ({"buffer": exc.buffer, "index": exc.index, "size": exc.size, "kind": exc.kind}
+                   if isinstance(exc, IllegalAccess) else {"grid": list(exc.grid),
+                                                           "block": list(exc.block)})
+        res.findings.append(Finding(exc.stage or stage, check, str(exc), res.case.severity,
+                                    details))
+        raise _Stop from None
+    except ContractError as exc:
+        res.rejected = exc
+        raise _Stop from None
+    finally:
+        res.seconds[stage] = res.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+def _run(case: MoECase, target: Target, ctx: StageContext, res: RunResult) -> None:
+    t = res.tensors
+    T, K, H = case.num_tokens, case.topk, case.hidden_size
+    o = case.overrides
+
+    # 1. gating (skipped when the case enters the chain at topk_ids)
+    if o.topk_ids is None:
+        res.gating_in = GatingInput(t.gating_logits, t.correction_bias, K, case.scoring,
+                                    case.renormalize)
+        res.gating_out = _call(res, "gating", target.gating, res.gating_in, ctx)
+        routed = _faulted(case, "gating", res.gating_out)
+    else:
+        weights = o.topk_weights if o.topk_weights is not None else torch.full((T, K), 1.0 / K)
+        routed = _faulted(case, "gating", GatingOutput(o.topk_ids.clone(),
+                                                       weights.to(torch.float32).clone()))
+
+    # 5. LoRA align, beside the chain, on the routed ids
+    if case.max_loras > 0:
+        res.lora_in = LoraAlignInput(routed.topk_ids, t.token_lora_mapping, t.lora_ids,
+                                     t.adapter_enabled, case.num_experts, case.block_size,
+                                     case.max_loras)
+        res.lora_out = _call(res, "lora_align", target.lora_align, res.lora_in, ctx)
+
+    # 2. dispatch + sanitize
+    res.dispatch_in = DispatchInput(routed.topk_ids, routed.topk_weights, t.hidden_states,
+                                    case.rank_of_expert(), case.ep_size, case.recv_slots,
+                                    recv_garbage(case), o.recv_counters)
+    res.dispatch_out = _call(res, "dispatch", target.dispatch, res.dispatch_in, ctx)
+    recv = _faulted(case, "dispatch", res.dispatch_out)
+
+    # 3.-4. per destination rank: sort_align -> experts -> finalize
+    ep, M = case.ep_size, case.recv_slots
+    expert_map = case.expert_map()
+    owner = case.rank_of_expert()
+    rank_outputs = torch.zeros((ep, ep * M, H), dtype=torch.float32)
+    for r in range(ep):
+        rr = RankRun(r)
+        res.ranks.append(rr)
+        local = torch.nonzero(owner == r).flatten()
+        rr.sort_in = SortAlignInput(recv.recv_topk_ids[r].reshape(ep * M, K), expert_map[r],
+                                    int(local.numel()), case.block_size)
+        rr.sort_out = _call(res, "sort_align", target.sort_align, rr.sort_in, ctx)
+        aligned = _faulted(case, "sort_align", rr.sort_out)
+        rr.experts_in = ExpertsInput(recv.recv_hidden[r].reshape(ep * M, H),
+                                     t.expert_weights[local], aligned.sorted_token_ids,
+                                     aligned.expert_ids, aligned.num_tokens_post_pad, K,
+                                     case.block_size)
+        rr.experts_out = _call(res, "experts", target.experts, rr.experts_in, ctx)
+        computed = _faulted(case, "experts", rr.experts_out)
+        rr.finalize_in = FinalizeInput(computed.expert_out, aligned.permuted_row,
+                                       recv.recv_topk_weights[r].reshape(ep * M, K))
+        rr.finalize_out = _call(res, "finalize", target.finalize, rr.finalize_in, ctx)
+        rank_outputs[r] = rr.finalize_out
+
+    combine_in = CombineInput(rank_outputs, recv.recv_token_index, recv.recv_counters, T)
+    res.output = _call(res, "combine", target.combine, combine_in, ctx)
