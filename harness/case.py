@@ -402,8 +402,8 @@ def draw(src: Generated, shape: tuple[int, ...], name: str) -> torch.Tensor:
 
 
 def special_value(value: float | str, dtype: torch.dtype) -> float:
-    if not isinstance(value, str):
-        return float(value)
+    if not isinstance(value, str):  # any NaN is the quiet NaN "nan": the sign is not kept
+        return math.nan if math.isnan(value) else float(value)
     info = torch.finfo(dtype)
     return {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "huge": info.max,
             "denormal": info.smallest_normal / 4, "-0.0": -0.0}[value]
@@ -424,7 +424,9 @@ def apply_patches(x: torch.Tensor, patches: list[Patch]) -> torch.Tensor:
             src = view[:, 0:1].expand(rows, cols)
             view[index] = src[index]
         else:
-            view[index] = special_value(p.value, x.dtype)
+            # via a tensor: a float beyond the dtype's range rounds to +-inf instead of raising
+            view[index] = torch.tensor(special_value(p.value, x.dtype),
+                                       dtype=torch.float64).to(x.dtype)
     return x
 
 

@@ -20,7 +20,6 @@ from harness.errors import HarnessError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fuzzing and fault injection for MoE routing pipelines.")
 out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
 
 def clean_errors(fn: Callable) -> Callable:
     """Turn a `HarnessError` raised by a command into one line on stderr and exit 2."""
@@ -30,7 +29,7 @@ def clean_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except HarnessError as exc:
-            err.print(f"moe-harness: error: {exc}", markup=False)
+            print(f"moe-harness: error: {exc}", file=sys.stderr)
             raise typer.Exit(2) from None
 
     return wrapper
