@@ -21,7 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.chain import StageContext
+from harness.chain import StageContext, geometry
+from harness.memory import CheckedBuffer
+
+STAGE = "dispatch"
 
 
 @dataclass(eq=False)
@@ -56,9 +59,91 @@ class DispatchOutput:
     recv_counters: torch.Tensor
 
 
+def _owners(inp: DispatchInput) -> torch.Tensor:
+    """[T, K] int64: the rank owning each id; `ep_size` ("nobody") for ids outside [0, E) or
+    whose owner is outside [0, ep).
+
+    Ids are clamped onto two "nobody" entries framing `rank_of_expert`, so no id, however wild,
+    indexes it out of bounds."""
+    ep, E = inp.ep_size, inp.rank_of_expert.numel()
+    # [0, ep) stays, anything else becomes ep (-1 wraps round to ep)
+    owner = inp.rank_of_expert.to(torch.int64).clamp(-1, ep).remainder(ep + 1)
+    framed = torch.nn.functional.pad(owner, (1, 1), value=ep)
+    index = (inp.topk_ids.clamp(-1, E) + 1).reshape(-1)
+    return framed.index_select(0, index).view(inp.topk_ids.shape)
+
+
 def dispatch_cpu(inp: DispatchInput, ctx: StageContext) -> DispatchOutput:
     """Dispatch, then sanitize (skipped with `a2a-unsanitized-padding`)."""
-    raise NotImplementedError
+    T, K = inp.topk_ids.shape
+    H = inp.hidden_states.shape[1]
+    ep, M = inp.ep_size, inp.max_tokens_per_rank
+    launches = geometry.validate(geometry.dispatch_launches(ep, M))
+    P = -(-T // ep)
+
+    # senders: token t of source s goes to every rank owning one of its ids (column ep:
+    # nobody); its slot there is the running count of the tokens s sent to that rank
+    owner = _owners(inp)
+    sent = torch.zeros((ep * P, ep + 1), dtype=torch.bool)
+    sent[:T].scatter_(1, owner, True)
+    sent = sent[:, :ep].reshape(ep, P, ep)  # [src, token of src, dst]
+    slots = sent.cumsum(1, dtype=torch.int32)
+    true_counts = slots[:, -1].t()  # [dst, src]
+    token, dst = sent.view(ep * P, ep).nonzero().unbind(1)  # in token order per (src, dst)
+    src = token // P
+    slot = slots.view(ep * P, ep)[token, dst] - 1
+    if M < P:  # a receive buffer too small for a source's tokens: the extra are dropped
+        fits = (slot < M).nonzero().squeeze(1)
+        ctx.cover("dispatch.slot_overflow", slot.numel() - fits.numel())
+        src, dst, slot, token = (t.index_select(0, fits) for t in (src, dst, slot, token))
+    row = (dst * ep + src) * M + slot  # flat [dst, src, slot]
+
+    # receive buffers: padding keeps what an earlier step left (ids, weights) or poison;
+    # the scatter indices are the stage's own, in range by construction
+    ids_buf = CheckedBuffer(STAGE, "recv_topk_ids", ep * ep * M * K, torch.int32,
+                            fill=inp.recv_garbage.to(torch.int32))
+    w_buf = CheckedBuffer(STAGE, "recv_topk_weights", ep * ep * M * K, torch.float32,
+                          fill=inp.recv_garbage * 2**-10)  # stale weights: finite garbage
+    h_buf = CheckedBuffer(STAGE, "recv_hidden", ep * ep * M * H, inp.hidden_states.dtype)
+    tok_buf = CheckedBuffer(STAGE, "recv_token_index", ep * ep * M, torch.int32)
+    ids_buf.view(-1, K).index_copy_(0, row, inp.topk_ids.index_select(0, token).to(torch.int32))
+    w_buf.view(-1, K).index_copy_(0, row, inp.topk_weights.index_select(0, token).float())
+    h_buf.view(-1, H).index_copy_(0, row, inp.hidden_states.index_select(0, token))
+    tok_buf.data.index_copy_(0, row, token.to(torch.int32))
+    recv_ids, recv_tok = ids_buf.view(ep, ep, M, K), tok_buf.view(ep, ep, M)
+
+    counters = true_counts.clone(memory_format=torch.contiguous_format)
+    if inp.recv_counters_override is not None:  # what the senders reported instead
+        counters = inp.recv_counters_override.to(torch.int32).reshape(ep, ep).clone()
+        disagree, low, high = torch.stack([
+            (counters != true_counts).count_nonzero(), (counters < 0).count_nonzero(),
+            (counters > M).count_nonzero()]).tolist()
+        ctx.cover("dispatch.counters_overridden")
+        ctx.cover("dispatch.counters_disagree", disagree)
+        ctx.cover("dispatch.counter_clamped_low", low)
+        ctx.cover("dispatch.counter_clamped_high", high)
+
+    # a2a_sanitize: one thread per (dst, src, slot) over grid (ceil(M / 256), ep, ep); the
+    # counter is clamped to [0, M] before it bounds anything
+    limit = counters.clamp(0, M)
+    padding = torch.arange(M, dtype=torch.int32) >= limit[..., None]
+    if not ctx.bugs.on("a2a-unsanitized-padding"):
+        recv_ids[padding] = -1
+        ctx.cover("dispatch.sanitize_launches", len(launches))
+
+    ranks_per_token = torch.bincount(sent.sum(2).view(-1)[:T], minlength=2)
+    unowned, empty, kept, unsent, one = torch.cat([torch.stack([
+        (owner == ep).count_nonzero(), (true_counts.sum(1) == 0).count_nonzero(), limit.sum()]),
+        ranks_per_token[:2]]).tolist()
+    stats = {"padding_slots": ep * ep * M - kept, "unowned_ids": unowned,
+             "tokens_unsent": unsent, "tokens_multi_rank": T - unsent - one,
+             "empty_ranks": empty}
+    if not ctx.bugs.on("a2a-unsanitized-padding"):
+        stats["sanitized_slots"] = stats["padding_slots"]
+    for name, n in stats.items():
+        ctx.cover(f"dispatch.{name}", n)
+    return DispatchOutput(recv_ids, w_buf.view(ep, ep, M, K), h_buf.view(ep, ep, M, H),
+                          recv_tok, counters)
 
 
 @dataclass(eq=False)
@@ -75,4 +160,18 @@ class CombineInput:
 def combine_cpu(inp: CombineInput, ctx: StageContext) -> torch.Tensor:
     """[T, H] fp32: each token's output summed over the ranks it was sent to (real slots only,
     counters clamped to [0, M] as sanitize clamps them)."""
-    raise NotImplementedError
+    ep, _, M = inp.recv_token_index.shape
+    H, T = inp.rank_outputs.shape[-1], inp.num_tokens
+    limit = inp.recv_counters.long().reshape(ep, ep).clamp(0, M)
+    real = torch.arange(M) < limit[..., None]  # [dst, src, slot]
+    token = inp.recv_token_index.long()
+    # defensive: a slot whose token index is outside [0, T) (poison after a fault) is skipped
+    ok = real & (token >= 0) & (token < T)
+    rows = ok.reshape(-1).nonzero().squeeze(1)
+    n_real = int(real.count_nonzero())
+    ctx.cover("combine.slots", n_real)
+    ctx.cover("combine.bad_token_index", n_real - rows.numel())
+    out = torch.zeros((T, H), dtype=torch.float32)
+    out.index_add_(0, token.reshape(-1).index_select(0, rows),
+                   inp.rank_outputs.reshape(ep * ep * M, H).index_select(0, rows).float())
+    return out

@@ -29,7 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.chain import StageContext
+from harness.chain import StageContext, geometry
+from harness.memory import CheckedBuffer
+
+STAGE = "sort_align"
 
 
 @dataclass(eq=False)
@@ -60,5 +63,143 @@ class SortAlignOutput:
     num_tokens_post_pad: int
 
 
+def _local_ids(inp: SortAlignInput) -> torch.Tensor:
+    """[N*K] int32 local expert id of every expanded row; E_l (a bucket past every expert)
+    where the pair is skipped.
+
+    The kernel's guard `if (id < 0 || id >= E) skip` comes before `expert_map` is dereferenced:
+    ids are clamped onto two "skipped" entries framing the map, so no id, however wild, reads
+    outside it. A map entry outside [0, E_l) (-1: not owned) counts as not owned."""
+    flat = inp.topk_ids.reshape(-1)
+    E, E_l = inp.expert_map.numel(), inp.num_local_experts
+    # [0, E_l) stays, anything else becomes E_l (-1 wraps round to E_l)
+    entry = inp.expert_map.to(torch.int32).clamp(-1, E_l).remainder(E_l + 1)
+    framed = torch.nn.functional.pad(entry, (1, 1), value=E_l)
+    return framed.index_select(0, flat.clamp(-1, E) + 1)
+
+
+def _cover_skips(inp: SortAlignInput, ctx: StageContext, skipped: int) -> None:
+    """Why pairs were skipped (computed only where some were); not_owned includes map
+    entries outside [0, E_l)."""
+    flat = inp.topk_ids.reshape(-1)
+    in_range = (flat >= 0) & (flat < inp.expert_map.numel())
+    minus_one, n_in_range = torch.stack([(flat == -1).sum(), in_range.sum()]).tolist()
+    ctx.cover("sort_align.skip.invalid_id", minus_one)
+    ctx.cover("sort_align.skip.out_of_range", flat.numel() - n_in_range - minus_one)
+    ctx.cover("sort_align.skip.not_owned", skipped - (flat.numel() - n_in_range))
+
+
+def _offsets(counts: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exclusive prefix sums [E_l + 1] of the counts and of the counts rounded up to bs."""
+    runs = torch.stack([counts, (counts + bs - 1) // bs * bs])
+    offsets = torch.nn.functional.pad(runs.cumsum(1, dtype=torch.int32), (1, 0))
+    return offsets[0], offsets[1]
+
+
+def _single_block(local: torch.Tensor, totals: torch.Tensor, bs: int, K: int,
+                  ctx: StageContext):
+    """One block counts, scans and scatters: a stable counting sort by local expert.
+
+    Returns (expert_counts, expert_offsets, aligned_offsets, kept expanded rows, their aligned
+    positions, skipped expanded rows)."""
+    E_l = totals.numel() - 1
+    skey, order = torch.sort(local, stable=True)  # skipped (bucket E_l) last
+    counts = totals[:E_l]
+    expert_offsets, aligned_offsets = _offsets(counts, bs)
+    n = local.numel() - int(totals[E_l])
+    x, e = order[:n], skey[:n]
+    position = (aligned_offsets - expert_offsets)[:-1].index_select(0, e) + torch.arange(n)
+    row = x // K  # a row's duplicates are neighbours in this order
+    ctx.cover("sort_align.duplicates", int(((e[1:] == e[:-1]) & (row[1:] == row[:-1])).sum()))
+    return counts, expert_offsets, aligned_offsets, x, position, order[n:]
+
+
+def _three_step(local: torch.Tensor, totals: torch.Tensor, bs: int, K: int,
+                drop_duplicates: bool, ctx: StageContext):
+    """blockExpertPrefixSum, global prefix, merge, over blocks of SORT_THREADS rows.
+
+    Same returns as `_single_block`; with `drop_duplicates` the dropped duplicate slots are
+    in neither the kept nor the skipped rows: nothing writes their entries."""
+    NK, E_l = local.numel(), totals.numel() - 1
+    per_block = geometry.SORT_THREADS * K
+    blocks = -(-NK // per_block)
+    n = NK - int(totals[E_l])
+    # step 1: each block orders its pairs by (expert, row), i.e. per expert a block-local
+    # exclusive scan of "pair has expert e". One stable sort keyed (block, expert) does every
+    # block; skipped pairs share a key past every block, so the kept ones come first.
+    block_base = torch.arange(blocks, dtype=torch.int32) * E_l
+    key = local + block_base[:, None].expand(blocks, per_block).reshape(-1)[:NK]
+    key.masked_fill_(local == E_l, blocks * E_l)
+    skey, order = torch.sort(key, stable=True)
+    skey, x, skipped = skey[:n], order[:n], order[n:]
+    row = x // K  # a row's duplicates are neighbours in this order
+    dup = torch.zeros(n, dtype=torch.bool)
+    dup[1:] = (skey[1:] == skey[:-1]) & (row[1:] == row[:-1])
+    n_dup = int(dup.sum())
+    ctx.cover("sort_align.duplicates", n_dup)
+    if drop_duplicates and n_dup:
+        # the per-row search breaks at the first matching slot: a duplicate slot is neither
+        # counted nor written (the fixed kernel counts a row's multiplicity)
+        ctx.cover("sort_align.duplicates_dropped", n_dup)
+        first = (~dup).nonzero().squeeze(1)
+        skey, x = skey.index_select(0, first), x.index_select(0, first)
+    group_counts = torch.bincount(skey, minlength=blocks * E_l)  # [block, expert]
+    block_counts = group_counts.view(blocks, E_l)
+    counts = block_counts.sum(0)
+    expert_offsets, aligned_offsets = _offsets(counts, bs)
+    # step 2: global prefix over (expert, block): where block b's run of expert e starts
+    run_start = aligned_offsets[:-1] + (block_counts.cumsum(0) - block_counts)
+    # step 3: merge: run start + block-local position (index in this order minus the pairs
+    # of earlier (block, expert) groups)
+    group_start = group_counts.cumsum(0) - group_counts
+    position = ((run_start.reshape(-1) - group_start).index_select(0, skey)
+                + torch.arange(skey.numel()))
+    return counts, expert_offsets, aligned_offsets, x, position, skipped
+
+
 def sort_align_cpu(inp: SortAlignInput, ctx: StageContext) -> SortAlignOutput:
-    raise NotImplementedError
+    """Counts, scans and scatters the (row, slot) pairs by local expert, block-aligned."""
+    N, K = inp.topk_ids.shape
+    E_l, bs = inp.num_local_experts, inp.block_size
+    NK = N * K
+    if E_l > 0:
+        geometry.validate(geometry.sort_launches(N, E_l))
+    else:  # a rank owning no experts launches nothing; every pair is skipped
+        ctx.cover("sort_align.no_local_experts")
+    local = _local_ids(inp)
+    totals = torch.bincount(local, minlength=E_l + 1)  # per expert, then the skipped
+    n_skipped = int(totals[E_l])
+    if n_skipped:
+        _cover_skips(inp, ctx, n_skipped)
+    if geometry.sort_uses_three_step(N):
+        ctx.cover("sort_align.path.three_step")
+        ctx.cover("sort_align.blocks", -(-N // geometry.SORT_THREADS))
+        drop = ctx.bugs.on("sort-duplicate-break")
+        counts, expert_offsets, aligned_offsets, x, position, skipped = _three_step(
+            local, totals, bs, K, drop, ctx)
+    else:
+        ctx.cover("sort_align.path.single_block")
+        counts, expert_offsets, aligned_offsets, x, position, skipped = _single_block(
+            local, totals, bs, K, ctx)
+    num_tokens_post_pad, n_empty = torch.stack(
+        [aligned_offsets[-1], (counts == 0).sum()]).tolist()
+    ctx.cover("sort_align.empty_experts", n_empty)
+    ctx.cover("sort_align.padding_slots", num_tokens_post_pad - x.numel())
+
+    # the scatters, both ways; their indices are the stage's own (in range by construction);
+    # the buffers start as poison, so an entry nobody writes stays visible
+    size = geometry.max_num_tokens_padded(N, K, E_l, bs)
+    sorted_ids = CheckedBuffer(STAGE, "sorted_token_ids", size, torch.int32)
+    sorted_ids.data.fill_(NK).index_copy_(0, position, x.to(torch.int32))
+    permuted_row = CheckedBuffer(STAGE, "permuted_row", NK, torch.int32)
+    permuted_row.data.index_fill_(0, skipped, -1).index_copy_(0, x, position.to(torch.int32))
+
+    # expert of each block of the aligned layout: the last expert whose run starts at or
+    # before it (an empty run starts where the next begins, so it never owns a block)
+    m_blocks = geometry.max_num_m_blocks(N, K, E_l, bs)
+    used = num_tokens_post_pad // bs
+    expert_ids = torch.full((m_blocks,), -1, dtype=torch.int32)
+    expert_ids[:used] = torch.searchsorted(
+        aligned_offsets, torch.arange(0, used * bs, bs, dtype=torch.int32), right=True) - 1
+    return SortAlignOutput(counts.to(torch.int32), expert_offsets, aligned_offsets,
+                           permuted_row.data, sorted_ids.data, expert_ids, num_tokens_post_pad)
