@@ -221,7 +221,7 @@ void experts(const Tensor& hidden, const Tensor& expert_weights, const Tensor& s
 }
 
 void finalize(const Tensor& expert_out, const Tensor& permuted_row, const Tensor& topk_weights,
-              const Tensor& out, const std::optional<Tensor>& coverage) {
+              const Tensor& out, int64_t bugs, const std::optional<Tensor>& coverage) {
   const c10::cuda::CUDAGuard guard(expert_out.device());
   const auto dev = expert_out.device();
   check_tensor(expert_out, "expert_out", at::kFloat, dev);
@@ -237,7 +237,7 @@ void finalize(const Tensor& expert_out, const Tensor& permuted_row, const Tensor
   check_launch(mh::launch_finalize(ptr<const float>(expert_out), to_int(P, "P"), to_int(H, "H"),
                                    ptr<const int32_t>(permuted_row),
                                    ptr<const float>(topk_weights), to_int(N, "N"),
-                                   to_int(K, "K"), ptr<float>(out),
+                                   to_int(K, "K"), ptr<float>(out), static_cast<uint32_t>(bugs),
                                    coverage_ptr(coverage, dev), stream()),
                "finalize");
 }

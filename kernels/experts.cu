@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 finalize_unpermute_reduce(const float* __restrict__ expert_out, int64_t P, int H,
                           const int32_t* __restrict__ permuted_row,
                           const float* __restrict__ topk_weights, int N, int K,
-                          float* __restrict__ out, uint32_t* coverage) {
+                          float* __restrict__ out, bool trust_rows, uint32_t* coverage) {
   MOE_BLOCK_COVERAGE(cov, coverage);
   const int64_t n = blockIdx.x;
   const bool row_ok = n < N;
@@ -98,7 +98,7 @@ finalize_unpermute_reduce(const float* __restrict__ expert_out, int64_t P, int H
     float acc = 0.0f;
     for (int k = 0; k < K; ++k) {
       const int64_t r = rows[k];
-      if (r < 0 || r >= P) continue;
+      if (r == -1 || (!trust_rows && (r < 0 || r >= P))) continue;
       acc = __fadd_rn(acc, __fmul_rn(weights[k], expert_out[r * H + h]));
     }
     out[n * H + h] = acc;
@@ -135,12 +135,13 @@ cudaError_t launch_experts(const void* hidden, int dtype, const float* W, int N,
 }
 
 cudaError_t launch_finalize(const float* expert_out, int P, int H, const int32_t* permuted_row,
-                            const float* topk_weights, int N, int K, float* out,
+                            const float* topk_weights, int N, int K, float* out, uint32_t bugs,
                             uint32_t* coverage, cudaStream_t stream) {
+  const bool trust_rows = (bugs & BUG_SORT_DUPLICATE_BREAK) != 0;
   if (H <= 0 || K <= 0) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(std::max(N, 1)), 1, 1);
   finalize_unpermute_reduce<<<grid, kFinalizeThreads, 0, stream>>>(
-      expert_out, P, H, permuted_row, topk_weights, N, K, out, coverage);
+      expert_out, P, H, permuted_row, topk_weights, N, K, out, trust_rows, coverage);
   return launch_status();
 }
 

@@ -92,8 +92,10 @@ cudaError_t launch_experts(const void* hidden, int dtype, const float* W, int N,
                            uint32_t* coverage, cudaStream_t stream);
 
 // Stage 4b (experts.cu): out [N, H] fp32 = sum_k w[n,k] * expert_out[permuted_row[n*K+k]].
+// Fixed: a permuted_row outside [0, P) is skipped. BUG_SORT_DUPLICATE_BREAK restores the
+// original pairing of that sort with a finalize that trusted it: only -1 is skipped.
 cudaError_t launch_finalize(const float* expert_out, int P, int H, const int32_t* permuted_row,
-                            const float* topk_weights, int N, int K, float* out,
+                            const float* topk_weights, int N, int K, float* out, uint32_t bugs,
                             uint32_t* coverage, cudaStream_t stream);
 
 // Stage 5 (lora_align.cu): `num_slots` blocks (max_loras + 1 fixed, max_loras with the

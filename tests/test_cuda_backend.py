@@ -186,8 +186,8 @@ class FakeExtension:
         res = experts_over_chunks(inp, _ctx(bugs), [(first, last)]).expert_out
         out.copy_(torch.where(is_poison(res), out, res))
 
-    def finalize(self, expert_out, permuted, weights, out, coverage):
-        out.copy_(finalize_cpu(FinalizeInput(expert_out, permuted, weights), StageContext()))
+    def finalize(self, expert_out, permuted, weights, out, bugs, coverage):
+        out.copy_(finalize_cpu(FinalizeInput(expert_out, permuted, weights), _ctx(bugs)))
 
     def lora_align(self, ids, mapping, lora_ids, enabled, L, E, bs, num_slots, sorted_ids,
                    expert_ids, post_pad, cumsum, bugs, coverage):
@@ -495,11 +495,6 @@ TRIGGERS = [
     (("lora-grid-off-by-one",), "lora-all-slots",
      {"lora_align:adapter-tokens", "lora_align:no-poison"}),
     (("lora-id-unchecked",), "lora-forged-ids", {"lora_align:illegal-access"}),
-    # vLLM issue 39244: NaN padding rows -> duplicate ids -> the three-step sort drops them ->
-    # unset permutation entries that finalize would dereference (poison / illegal access)
-    (("topk-nan-argmax", "sort-duplicate-break"), "over-256-duplicates",
-     {"finalize:illegal-access", "experts:illegal-access", "sort_align:no-poison",
-      "sort_align:permutation-bijection"}),
 ]
 
 
@@ -551,6 +546,17 @@ def test_disabled_adapter_is_an_illegal_access_in_a_fresh_process(cuda_target):
     if any(f["details"].get("kind") == "illegal-address" for f in out["findings"]):
         assert "restart the process" in out["after"]
     assert execute(demo_cases()["lora-all-slots"], cuda_target).findings == []
+
+
+@gpu
+def test_nan_padding_with_three_step_sort_is_an_illegal_access_in_finalize(cuda_target):
+    """vLLM issue 39244 end to end: NaN padding rows -> duplicate ids -> the three-step sort
+    leaves permutation entries unset -> finalize dereferences them."""
+    out = run_isolated("over-256-duplicates", ("topk-nan-argmax", "sort-duplicate-break"))
+    sigs = {f["signature"] for f in out["findings"]}
+    assert "finalize:illegal-access" in sigs, out
+    assert "restart the process" in out["after"]
+    assert execute(demo_cases()["over-256-duplicates"], cuda_target).findings == []
 
 
 @gpu

@@ -311,7 +311,8 @@ class CudaTarget(Target):
         permuted = run.input("permuted_row", inp.permuted_row.to(torch.int32).reshape(-1))
         weights = run.input("topk_weights", inp.topk_weights.to(torch.float32).contiguous())
         out = run.output("out", (N, H), torch.float32)
-        run.run(lambda: self.ext.finalize(expert_out, permuted, weights, out, run.coverage))
+        run.run(lambda: self.ext.finalize(expert_out, permuted, weights, out, run.bugs,
+                                           run.coverage))
         return out.cpu()
 
     def combine(self, inp: CombineInput, ctx: StageContext) -> torch.Tensor:

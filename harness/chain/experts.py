@@ -14,8 +14,10 @@ finalize (TRT-LLM `finalizeMoeRoutingKernel`): one CTA per row n:
 out[n] = sum over k of topk_weights[n, k] * expert_out[permuted_row[n*K + k]], skipping
 entries whose permuted_row is -1. The fixed kernels are defensive: experts skips blocks whose
 expert id is outside [0, E_l) and positions whose token is outside [0, N*K); finalize skips a
-permuted_row outside [0, P) (an unguarded kernel would dereference it: a wild pointer). Every
-skip is counted in the coverage. No bug variant lives here besides `grid-y-overflow`.
+permuted_row outside [0, P). Every skip is counted in the coverage. `grid-y-overflow` lives
+here; `sort-duplicate-break` restores the finalize that shipped with that sort and trusted its
+permutation (only -1 skipped): the unset entries a duplicate leaves are dereferenced, the
+illegal access of vLLM issue 39244.
 
 Contract: the sort stage's outputs for the same ids (faults may corrupt them; a fixed kernel
 still never reads out of bounds where its indices are in range).
@@ -185,12 +187,13 @@ def finalize_cpu(inp: FinalizeInput, ctx: StageContext) -> torch.Tensor:
     P, H = inp.expert_out.shape
     geometry.validate(geometry.finalize_launches(N))
     rows = inp.permuted_row.reshape(N, K)
-    ok = (rows >= 0) & (rows < P)
+    # the trusting finalize dereferences every row but -1 (`_gather_rows` checks the bounds)
+    ok = (rows != -1) if ctx.bugs.on("sort-duplicate-break") else (rows >= 0) & (rows < P)
     n_unrouted = int(torch.count_nonzero(rows == -1))
     ctx.cover("finalize.skip.unrouted", n_unrouted)
     ctx.cover("finalize.guard.out_of_range", N * K - int(torch.count_nonzero(ok)) - n_unrouted)
     out = torch.zeros((N, H), dtype=torch.float32)
-    if P == 0:
+    if not bool(ok.any()):
         return out
     values = inp.expert_out.float()
     safe = torch.where(ok, rows, 0)
