@@ -489,8 +489,6 @@ TRIGGERS = [
     (("topk-nan-argmax",), "graph-padding-nan", {"gating:unique-ids"}),
     (("topk-nan-argmax",), "graph-padding-fallback", {"gating:unique-ids"}),
     (("a2a-unsanitized-padding",), "ep-padding-slots", {"dispatch:padding-sanitized"}),
-    (("sort-duplicate-break",), "over-256-duplicates",
-     {"sort_align:permutation-bijection", "sort_align:no-poison"}),
     (("grid-y-overflow",), "huge-token-count", {"experts:launch-config"}),
     (("lora-grid-off-by-one",), "lora-all-slots",
      {"lora_align:adapter-tokens", "lora_align:no-poison"}),
@@ -546,6 +544,16 @@ def test_disabled_adapter_is_an_illegal_access_in_a_fresh_process(cuda_target):
     if any(f["details"].get("kind") == "illegal-address" for f in out["findings"]):
         assert "restart the process" in out["after"]
     assert execute(demo_cases()["lora-all-slots"], cuda_target).findings == []
+
+
+@gpu
+def test_duplicate_break_is_an_illegal_access_in_finalize(cuda_target):
+    """Duplicate ids into the three-step sort leave permutation entries unset; the trusting
+    finalize dereferences them (a sticky error: run in a fresh process)."""
+    out = run_isolated("over-256-duplicates", ("sort-duplicate-break",))
+    sigs = {f["signature"] for f in out["findings"]}
+    assert {"finalize:illegal-access", "sort_align:no-poison"} <= sigs, out
+    assert execute(demo_cases()["over-256-duplicates"], cuda_target).findings == []
 
 
 @gpu
