@@ -8,7 +8,7 @@ from harness.backends import get_target
 from harness.backends.target import Target
 from harness.bugs import BugSet
 from harness.case import MoECase
-from harness.chain.runner import RunResult, run_case
+from harness.chain.runner import RunResult, chain_mode, run_case
 
 
 def execute(case: MoECase, target: Target | str = "cpu",
@@ -24,8 +24,9 @@ def execute(case: MoECase, target: Target | str = "cpu",
     bugs = bugs if isinstance(bugs, BugSet) else BugSet.of(bugs)
     case.validate()
     target = get_target(target) if isinstance(target, str) else target
-    result = run_case(case, target, bugs)
-    result.findings = invariants.check(result)
+    with chain_mode(case):
+        result = run_case(case, target, bugs)
+        result.findings = invariants.check(result)
     return result
 
 

@@ -12,11 +12,12 @@ it ("what does the next stage do when the previous one is wrong?").
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -28,6 +29,7 @@ Distribution = Literal["normal", "uniform", "zeros", "quantized"]
 PatchKind = Literal["cell", "row", "column", "all"]
 Boundary = Literal["gating", "dispatch", "sort_align", "experts"]
 FaultKind = Literal["nan", "inf", "bitflip", "garbage", "stale", "zero_rows", "drop", "duplicate"]
+GraphPadding = Literal["zero", "nan", "stale"]
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
@@ -37,6 +39,8 @@ PATCH_TARGETS = ("gating_logits", "hidden_states", "correction_bias")
 DISTRIBUTIONS = ("normal", "uniform", "zeros", "quantized")
 SCORINGS = ("softmax", "sigmoid")
 FAULT_KINDS = ("nan", "inf", "bitflip", "garbage", "stale", "zero_rows", "drop", "duplicate")
+#: what the padding rows of a CUDA-graph capture hold (graph mode only)
+GRAPH_PADDINGS = ("zero", "nan", "stale")
 
 #: the tensors a fault may corrupt, per boundary (the stage whose output it follows)
 FAULT_TENSORS: dict[str, dict[str, str]] = {
@@ -52,6 +56,13 @@ MAX_TOPK = 32
 MAX_HIDDEN = 256
 MAX_EP = 64
 MAX_LORAS = 64
+#: the value the warp top-k kernels write over a chosen expert: a correction bias must stay
+#: above it (and be a number) for the selection to be defined
+BIAS_FLOOR = -10000.0
+#: the largest buffer the chain may allocate (int32 indexing, as the kernels use) and the most
+#: its principal buffers may take together (`MoECase.memory_estimate`)
+MAX_BUFFER_ELEMENTS = 2**31 - 1
+MAX_CASE_BYTES = 8 * 2**30
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,25 @@ class Overrides:
                 if getattr(self, f.name) is not None}
 
 
+class BufferEstimate(NamedTuple):
+    """`count` buffers of `shape` and `itemsize` bytes per element; `field` sizes them."""
+
+    name: str
+    shape: tuple[int, ...]
+    count: int
+    itemsize: int
+    field: str
+
+    @property
+    def elements(self) -> int:
+        """Elements of one such buffer."""
+        return math.prod(self.shape)
+
+    @property
+    def bytes(self) -> int:
+        return self.count * self.elements * self.itemsize
+
+
 @dataclass(frozen=True, eq=False)
 class MoECase:
     """One deterministic run of the routing chain. See the module docstring.
@@ -132,7 +162,9 @@ class MoECase:
     Sizes: num_tokens T in 1..1,000,000; num_experts E in 1..1024; topk K in 1..min(E, 32);
     hidden_size H in 1..256; block_size a power of two in 1..256; ep_size in 1..min(64, E);
     max_tokens_per_rank >= ceil(T / ep_size) (default exactly that); max_loras in 0..64
-    (0 switches the LoRA stage off).
+    (0 switches the LoRA stage off). graph_padding: what rows T..S-1 hold when the chain runs
+    as a CUDA graph captured for S >= T rows (`harness.backends.cuda_graph`): zeros, NaN, or
+    whatever the previous replay left there; ignored by the eager backends.
     """
 
     num_tokens: int
@@ -156,6 +188,7 @@ class MoECase:
     adapter_enabled: tuple[bool, ...] | None = None
     overrides: Overrides = field(default_factory=Overrides)
     faults: tuple[Fault, ...] = ()
+    graph_padding: GraphPadding = "zero"
 
     # -- derived configuration -------------------------------------------------------------
 
@@ -196,10 +229,65 @@ class MoECase:
     def replace(self, **changes) -> MoECase:
         return dataclasses.replace(self, **changes)
 
+    def memory_estimate(self) -> list[BufferEstimate]:
+        """The chain's principal buffers, each with the field that sizes it.
+
+        What the CPU model materialises (and a GPU backend allocates) for one run: the
+        logits and the fallback top-k's workspace, the receive buffers of all ranks, each
+        rank's sort and expert outputs (all kept in the `RunResult`) and the LoRA layout.
+        Temporaries come on top (about as much again at the peak).
+        """
+        from harness.chain.geometry import max_num_tokens_padded, uses_warp_path
+
+        T, E, K, H = self.num_tokens, self.num_experts, self.topk, self.hidden_size
+        ep, M, bs, L = self.ep_size, self.recv_slots, self.block_size, self.max_loras
+        recv = ("max_tokens_per_rank" if self.max_tokens_per_rank is not None
+                else "ep_size" if ep > 1 else "num_tokens")
+        local = (-(-E // ep) if self.expert_to_rank is None  # experts of the fullest rank
+                 else max(collections.Counter(self.expert_to_rank).values()))
+        padded = max_num_tokens_padded(ep * M, K, local, bs)  # a rank's sorted_token_ids
+        bufs = [BufferEstimate("gating_logits", (T, E), 1, 4, "num_tokens"),
+                BufferEstimate("recv_topk_ids", (ep, ep, M, K), 3, 4, recv),  # + weights,
+                BufferEstimate("recv_hidden", (ep, ep, M, H), 1,  # garbage
+                               self.torch_dtype.itemsize, recv),
+                BufferEstimate("sorted_token_ids", (padded,), 2 * ep, 4, recv),  # + perm
+                BufferEstimate("expert_out", (padded, H), ep, 4, recv),
+                BufferEstimate("rank_outputs", (ep, ep * M, H), 1, 4, recv)]
+        if not uses_warp_path(E):
+            bufs.append(BufferEstimate("gating_workspace", (T, E), 1, 4, "num_tokens"))
+        if L:
+            bufs.append(BufferEstimate("lora sorted_token_ids",
+                                       (L, max_num_tokens_padded(T, K, E, bs)), 1, 4,
+                                       "max_loras"))
+        return bufs
+
+    def _validate_memory(self) -> None:
+        """`CaseError` for a problem whose buffers cannot be materialised: one buffer beyond
+        int32 indexing, or all of them beyond MAX_CASE_BYTES (named by the largest)."""
+        bufs = self.memory_estimate()
+        for b in bufs:
+            if b.elements > MAX_BUFFER_ELEMENTS:
+                raise CaseError(b.field, f"buffer {b.name} {list(b.shape)} would have "
+                                         f"{b.elements:,} elements, more than int32 indexing "
+                                         f"allows ({MAX_BUFFER_ELEMENTS:,})")
+        total = sum(b.bytes for b in bufs)
+        if total > MAX_CASE_BYTES:
+            big = max(bufs, key=lambda b: b.bytes)
+            raise CaseError(big.field, f"the case's buffers would need {total / 2**30:.1f} GiB, "
+                                       f"more than {MAX_CASE_BYTES / 2**30:.0f} GiB (largest: "
+                                       f"{big.name} {list(big.shape)}, "
+                                       f"{big.bytes / 2**30:.1f} GiB)")
+
     # -- validation --------------------------------------------------------------------------
 
     def validate(self) -> MoECase:
-        """Raise `CaseError` naming the first impossible field; return self otherwise."""
+        """Raise `CaseError` naming the first impossible field; return self otherwise.
+
+        A case found valid remembers it (fields are frozen; validity does not depend on
+        tensor values), so the runner's repeated checks cost nothing."""
+        if self.__dict__.get("_valid"):
+            return self
+
         def need(ok: bool, name: str, msg: str) -> None:
             if not ok:
                 raise CaseError(name, msg)
@@ -239,6 +327,9 @@ class MoECase:
         if self.adapter_enabled is not None:
             need(len(self.adapter_enabled) == self.max_loras, "adapter_enabled",
                  f"must have max_loras = {self.max_loras} entries, got {len(self.adapter_enabled)}")
+        need(self.graph_padding in GRAPH_PADDINGS, "graph_padding",
+             f"must be one of {GRAPH_PADDINGS}, got {self.graph_padding!r}")
+        self._validate_memory()
         self._validate_sources()
         self._validate_overrides()
         for i, f in enumerate(self.faults):
@@ -253,6 +344,7 @@ class MoECase:
             need(0.0 <= f.fraction <= 1.0, name, "fraction must be in [0, 1]")
             need(0 <= f.bit < 32, name, "bit must be in 0..31")
             need(f.seed >= 0, name, "seed must be >= 0")
+        object.__setattr__(self, "_valid", True)
         return self
 
     def _validate_sources(self) -> None:
@@ -314,11 +406,19 @@ class MoECase:
 
         Legal inputs include NaN/Inf logits: the fixed chain must handle them. Out of contract
         are overrides the previous stage could never produce (ids out of range, duplicate ids,
-        recv_counters beyond the buffer, unknown LoRA ids).
+        recv_counters beyond the buffer, unknown LoRA ids), and a correction bias at or below
+        the -10000 the kernels write over a chosen expert (or NaN, -inf): with it even the
+        fixed top-k selects an expert twice (`harness.invariants` then does not judge the
+        selection).
         """
         out: list[str] = []
         o = self.overrides
         E = self.num_experts
+        if self.correction_bias is not None:
+            bias = correction_bias(self)
+            if not bool((bias > BIAS_FLOOR).all()):  # NaN fails the comparison too
+                out.append(f"correction_bias entry NaN, -inf or <= {BIAS_FLOOR:g} (the kernels' "
+                           "winner mask): a chosen expert can be selected again")
         if o.topk_ids is not None:
             ids = o.topk_ids
             if bool(((ids < 0) | (ids >= E)).any()):
@@ -395,7 +495,9 @@ def draw(src: Generated, shape: tuple[int, ...], name: str) -> torch.Tensor:
         return torch.zeros(shape)
     if src.distribution == "uniform":
         return (torch.rand(shape, generator=g) * 2 - 1) * src.scale
-    x = torch.randn(shape, generator=g) * src.scale
+    x = torch.randn(shape, generator=g)
+    if src.scale != 1.0:  # x * 1.0 is x, bit for bit
+        x.mul_(src.scale)
     if src.distribution == "quantized":  # coarse values: ties between experts are common
         x = torch.round(x * 2) / 2
     return x
@@ -430,17 +532,28 @@ def apply_patches(x: torch.Tensor, patches: list[Patch]) -> torch.Tensor:
     return x
 
 
+def _source(case: MoECase, name: str, src: TensorSource, shape: tuple[int, ...],
+            dtype: torch.dtype) -> torch.Tensor:
+    """A tensor source (explicit or generated) in `dtype`, with the case's patches of `name`."""
+    x = src.to(dtype) if isinstance(src, torch.Tensor) else draw(src, shape, name).to(dtype)
+    return apply_patches(x, [p for p in case.patches if p.target == name])
+
+
+def correction_bias(case: MoECase) -> torch.Tensor | None:
+    """The case's materialised correction bias [E] fp32 (None without one)."""
+    if case.correction_bias is None:
+        return None
+    return _source(case, "correction_bias", case.correction_bias, (case.num_experts,),
+                   torch.float32)
+
+
 def materialize(case: MoECase) -> Materialized:
     """The case's tensors, on the CPU, bit-identical on every call and for every backend."""
     case.validate()
     T, E, H, dt = case.num_tokens, case.num_experts, case.hidden_size, case.torch_dtype
 
     def source(name: str, src: TensorSource, shape: tuple[int, ...], dtype: torch.dtype):
-        if isinstance(src, torch.Tensor):
-            x = src.to(dtype)
-        else:
-            x = draw(src, shape, name).to(dtype)
-        return apply_patches(x, [p for p in case.patches if p.target == name])
+        return _source(case, name, src, shape, dtype)
 
     logits = case.overrides.gating_logits
     if logits is None:
@@ -448,9 +561,7 @@ def materialize(case: MoECase) -> Materialized:
     else:
         logits = apply_patches(logits.to(dt), [p for p in case.patches
                                                if p.target == "gating_logits"])
-    bias = None
-    if case.correction_bias is not None:
-        bias = source("correction_bias", case.correction_bias, (E,), torch.float32)
+    bias = correction_bias(case)
     hidden = source("hidden_states", Generated(case.seed), (T, H), dt)
     weights = draw(Generated(case.seed, scale=H ** -0.5), (E, H, H), "expert_weights")
 

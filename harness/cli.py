@@ -43,19 +43,30 @@ BugOpt = Annotated[list[str] | None, typer.Option("--bug", help="switch a bug va
 @app.command()
 @clean_errors
 def run(case_file: Annotated[Path, typer.Argument(metavar="CASE.json")],
-        backend: BackendOpt = "cpu", bug: BugOpt = None) -> None:
+        backend: BackendOpt = "cpu", bug: BugOpt = None,
+        graph: Annotated[bool, typer.Option(
+            "--graph", help="replay the chain as a CUDA graph per capture size (1, 2, 4, ... "
+                            "512; cuda backend), padding rows as the case's graph_padding")
+        ] = False) -> None:
     """Run one corpus case: a per-stage summary and the findings."""
     from harness import corpus
     from harness.api import execute, stage_summary
+    from harness.backends import get_target
 
     case, _meta = corpus.load(case_file)
-    result = execute(case, backend, bug or [])
-    table = Table(title=f"{case_file} on {backend} ({result.bugs})")
+    target = get_target(backend, graph=True) if graph else backend
+    result = execute(case, target, bug or [])
+    table = Table(title=f"{case_file} on {result.target} ({result.bugs})")
     for col in ("stage", "result", "ms"):
         table.add_column(col)
     for stage, what, seconds in stage_summary(result):
         table.add_row(stage, what, f"{seconds * 1e3:.2f}")
     out.print(table)
+    if graph:
+        size = getattr(result, "capture_size", 0)
+        out.print(f"graph replay: {case.num_tokens} rows padded to capture size {size} "
+                  f"({result.padding} padding), {result.seconds.get('graph', 0) * 1e3:.2f} ms"
+                  if size else f"ran eagerly: {target.last_eager_reason}")
     if result.rejected is not None:
         out.print(f"rejected (contract): {result.rejected}")
     for f in result.findings:
@@ -88,18 +99,9 @@ def demo(backend: BackendOpt = "cpu") -> None:
 
     with out.status("running the demo matrix") as status:
         report = run_demo(backend, lambda cfg, case: status.update(f"{cfg} on {case}"))
-    table = Table(title=f"which check catches which variant ({backend}, "
-                        f"{report.seconds:.1f} s)")
-    table.add_column("configuration")
-    for case in report.cases:
-        table.add_column(case, overflow="fold")
-    for cfg in report.configs:
-        cells = []
-        for case in report.cases:
-            sigs = report.cells[cfg][case]
-            cells.append("[red]" + "\n".join(sigs) + "[/red]" if sigs else "[green]clean[/green]")
-        table.add_row(cfg, *cells)
-    out.print(table)
+    out.print(f"which check catches which variant ({backend}, {report.seconds:.1f} s)")
+    for line in report.lines():
+        out.print(line, markup=False, overflow="ignore", crop=False)
     missed = [c for c in report.configs if c != "fixed" and not report.caught(c)]
     if report.caught("fixed"):
         out.print("[red]the fixed chain has findings[/red]")
@@ -122,3 +124,261 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# -- replay and triage (harness.sanitizer, harness.triage) -------------------------------------
+
+SanitizerOpt = Annotated[str | None, typer.Option(
+    "--sanitizer", help="replay under compute-sanitizer: memcheck | initcheck | racecheck | "
+    "synccheck")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", help="seconds one case may take before "
+                                           "it counts as a hang")]
+#: sanitizer reports printed per case (the rest are counted)
+REPORTS_SHOWN = 5
+
+
+@app.command()
+@clean_errors
+def replay(cases: Annotated[list[Path], typer.Argument(metavar="CASE_OR_DIR...")],
+           backend: Annotated[str | None, typer.Option(
+               "--backend", help="cpu | cuda (default: cuda with --sanitizer, else cpu)")] = None,
+           bug: BugOpt = None, sanitizer: SanitizerOpt = None,
+           redzones: Annotated[bool, typer.Option(
+               "--redzones/--no-redzones", help="the cuda backend's guard bands and poison "
+               "(off: the sanitizer alone checks)")] = True,
+           timeout: TimeoutOpt = 300.0) -> None:
+    """Replay cases in a separate process (a crash or hang costs one case), optionally under
+    compute-sanitizer: findings and sanitizer reports per case; exit 1 if there is any."""
+    from harness.sanitizer import SanitizerConfig, replay_cases
+
+    backend = backend or ("cuda" if sanitizer else "cpu")
+    with out.status(f"replaying on {backend}" + (f" under {sanitizer}" if sanitizer else "")):
+        run = replay_cases(cases, sanitizer, backend, bug or [], redzones,
+                           SanitizerConfig(case_timeout_s=timeout))
+    for c in run.cases:
+        sigs = ", ".join(f["signature"] for f in c.findings)
+        line = {"findings": f"findings {sigs}", "rejected": f"rejected ({c.message})",
+                "clean": "clean"}.get(c.status, f"{c.status}: {c.message}")
+        errors = f", {len(c.errors)} sanitizer error(s)" if c.errors else ""
+        out.print(f"case {c.index} {c.path}: {line}{errors} ({c.seconds:.2f} s)",
+                  markup=False, soft_wrap=True)
+        for r in c.reports[:REPORTS_SHOWN]:
+            out.print(f"    {r}", markup=False, soft_wrap=True)
+        if len(c.reports) > REPORTS_SHOWN:
+            out.print(f"    ... and {len(c.reports) - REPORTS_SHOWN} more reports")
+    for r in run.unmapped:
+        out.print(f"(case unknown) {r}", markup=False, soft_wrap=True)
+    for p in run.problems:
+        out.print(f"note: {p}", markup=False, soft_wrap=True)
+    bad = sum(c.bad for c in run.cases)
+    out.print(f"{len(run.cases)} case(s), {bad} with a finding, error, hang or crash; "
+              f"{len(run.reports)} sanitizer report(s); {run.processes} process(es), "
+              f"{run.seconds:.1f} s", soft_wrap=True)
+    raise typer.Exit(1 if run.bad else 0)
+
+
+@app.command()
+@clean_errors
+def triage(findings_dir: Annotated[Path, typer.Argument(metavar="FINDINGS_DIR")],
+           all_tools: Annotated[bool, typer.Option(
+               "--all-tools", help="racecheck and synccheck too")] = False,
+           backend: Annotated[str, typer.Option("--backend", help="cuda")] = "cuda",
+           timeout: TimeoutOpt = 300.0) -> None:
+    """Replay every finding under memcheck and initcheck, attach the reports to its metadata
+    and print one line per root-cause group (count, signature, the findings' own checks)."""
+    from harness.sanitizer import SanitizerConfig
+    from harness.triage import ALL_TOOLS, BASE_TOOLS
+    from harness.triage import triage as run_triage
+
+    tools = ALL_TOOLS if all_tools else BASE_TOOLS
+    with out.status(f"replaying findings under {', '.join(tools)}"):
+        groups = run_triage(findings_dir, tools, backend, SanitizerConfig(case_timeout_s=timeout))
+    for g in groups:
+        out.print(g.line(), markup=False, soft_wrap=True)
+    skipped = [f.path for g in groups for f in g.findings if not f.attached]
+    if skipped:
+        out.print(f"note: {len(skipped)} file(s) not named by content hash: reports not "
+                  "attached", markup=False)
+
+
+# -- the corpus (harness.corpus, harness.promote) ----------------------------------------------
+
+corpus_app = typer.Typer(no_args_is_help=True,
+                         help="The case corpus: promote findings into it, check its files.")
+app.add_typer(corpus_app, name="corpus")
+
+
+@corpus_app.command("add")
+@clean_errors
+def corpus_add(
+        finding: Annotated[Path, typer.Argument(metavar="FINDING.json")],
+        as_: Annotated[str, typer.Option("--as", help="regression | seed")] = "regression",
+        corpus_root: Annotated[Path, typer.Option(
+            "--corpus-root", help="the corpus directory (regressions/ and seeds/ under it)")
+        ] = Path("corpus"),
+        backend: Annotated[str, typer.Option(
+            "--backend", help="replay it here first: cpu | cuda | module:attr")] = "cpu",
+        verify: Annotated[bool, typer.Option(
+            "--verify/--no-verify", help="replay against the new expectations first")] = True,
+) -> None:
+    """Promote a finding into the corpus, expected clean on the fixed chain from now on (its
+    variant expectations kept); exit 1, writing nothing, if it is not clean yet."""
+    from harness.promote import PromotionRefused, promote
+
+    try:
+        done = promote(finding, as_, corpus_root, backend if verify else None)
+    except PromotionRefused as exc:
+        out.print(exc.report, markup=False, soft_wrap=True)
+        print(f"moe-harness: {exc}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    expects = "; ".join(f"{'+'.join(e.bugs) or 'fixed'} -> {e.outcome}" for e in done.meta.expect)
+    out.print(f"{done.path} ({as_}): {expects}", markup=False, soft_wrap=True)
+
+
+@corpus_app.command("check")
+@clean_errors
+def corpus_check(directories: Annotated[list[Path], typer.Argument(metavar="DIR...")]) -> None:
+    """Validate every case file under DIR: schema and fields, file name = content hash, no two
+    files holding the same case. Exit 1 on any problem."""
+    from harness.corpus import check_corpus, iter_corpus
+    from harness.errors import HarnessError
+
+    problems, files = [], 0
+    for d in directories:
+        if not d.exists():
+            raise HarnessError(f"{d}: no such directory")
+        files += sum(1 for _ in iter_corpus(d))
+        problems += check_corpus(d)
+    for p in problems:
+        out.print(f"problem: {p}", markup=False, soft_wrap=True)
+    out.print(f"{files} case file(s), {len(problems)} problem(s)", markup=False)
+    raise typer.Exit(1 if problems else 0)
+
+
+# -- fuzzing and minimisation (harness.fuzz) ---------------------------------------------------
+
+
+def _fuzz_line(s) -> str:
+    return (f"{s.seconds:7.1f} s  {s.executions:>9,} execs  {s.exec_per_s:7,.0f}/s  "
+            f"cov {s.coverage}  ft {s.features}  semantic {s.semantic}  "
+            f"corpus {s.corpus_size}  findings {len(s.findings)}")
+
+
+@app.command()
+@clean_errors
+def fuzz(backend: BackendOpt = "cpu", bug: BugOpt = None,
+         seconds: Annotated[float | None, typer.Option(
+             "--time", help="seconds to fuzz, from the start (default 60)")] = None,
+         runs: Annotated[int | None, typer.Option(
+             "--runs", help="executions to run, instead of a time budget")] = None,
+         corpus_dir: Annotated[Path | None, typer.Option(
+             "--corpus", help="libFuzzer's corpus directory (default FINDINGS/corpus); a new "
+             "run resumes from it")] = None,
+         findings: Annotated[Path, typer.Option(
+             "--findings", help="findings directory: one directory per signature, the first "
+             "reproducer and its minimised form")] = Path("findings"),
+         seed: Annotated[int | None, typer.Option(
+             "--seed", help="1..2**31-1; default: a fresh one, printed (with --runs, the same "
+             "seed and corpus repeat a run)")] = None,
+         stop_on_first: Annotated[bool, typer.Option(
+             "--stop-on-first", help="stop at the first finding")] = False,
+         moe_mutators: Annotated[bool, typer.Option(
+             "--moe-mutators/--no-moe-mutators", help="the MoE-aware structured mutators "
+             "(off: libFuzzer's byte mutations only)")] = True,
+         graph: Annotated[bool, typer.Option(
+             "--graph", help="replay the chain as CUDA graphs (cuda backend)")] = False,
+         device_coverage: Annotated[bool, typer.Option(
+             "--device-coverage/--no-device-coverage", help="feed the cuda kernels' coverage "
+             "counters to libFuzzer")] = True,
+         minimize: Annotated[bool, typer.Option(
+             "--minimize/--no-minimize", help="minimise each new finding")] = True) -> None:
+    """Coverage-guided fuzzing of the chain (atheris): findings deduplicated by signature,
+    each saved with its minimised form; exit 1 if there is a finding."""
+    from harness.errors import ConfigError
+    from harness.fuzz.engine import FuzzConfig
+    from harness.fuzz.engine import fuzz as run_fuzz
+
+    if seconds is not None and runs is not None:
+        raise ConfigError("--time/--runs", "give a time budget or a run budget, not both")
+    config = FuzzConfig(backend=backend, bugs=tuple(bug or ()),
+                        seconds=None if runs is not None else (seconds or 60.0), runs=runs,
+                        corpus_dir=corpus_dir, findings_dir=findings, seed=seed,
+                        stop_on_first=stop_on_first, moe_mutators=moe_mutators, graph=graph,
+                        device_coverage=device_coverage, minimize=minimize).resolved()
+    out.print(f"fuzzing {backend} ({', '.join(config.bugs) or 'fixed chain'}), seed "
+              f"{config.seed}, corpus {config.corpus_dir}, findings {config.findings_dir}",
+              markup=False, soft_wrap=True)
+    shown: set[str] = set()
+    with out.status("starting the fuzzer") as status:
+        def progress(s) -> None:
+            for f in s.findings:
+                if f.signature not in shown:
+                    shown.add(f.signature)
+                    out.print(f"[red]finding[/red] {f.signature} after {f.seconds:.1f} s, "
+                              f"{f.executions:,} executions: {f.path}", soft_wrap=True)
+            status.update(_fuzz_line(s))
+
+        report = run_fuzz(config, progress)
+    s = report.status
+    if report.findings:
+        table = Table(title=f"findings ({len(report.new_findings)} new)")
+        for col in ("signature", "severity", "s", "execs", "reproducer", "minimised"):
+            table.add_column(col, overflow="fold")
+        for f in report.findings:
+            when = "earlier" if f.earlier else f"{f.seconds:.1f}"
+            table.add_row(f.signature, f.severity, when,
+                          "" if f.earlier else f"{f.executions:,}", str(f.path),
+                          str(f.minimized or ""))
+        out.print(table)
+    for problem in report.minimize_errors:
+        out.print(f"note: {problem}", markup=False, soft_wrap=True)
+    out.print(f"{s.executions:,} executions in {s.seconds:.1f} s ({s.exec_per_s:,.0f}/s, "
+              f"{s.reason}); coverage {s.coverage} edges, {s.features} features, "
+              f"{s.semantic} semantic; corpus {s.corpus_size}; seed {config.seed}",
+              markup=False, soft_wrap=True)
+    if not report.findings:
+        out.print("[green]no findings[/green]")
+    raise typer.Exit(1 if report.findings else 0)
+
+
+@app.command("minimize")
+@clean_errors
+def minimize_cmd(case_file: Annotated[Path, typer.Argument(metavar="CASE.json")],
+                 backend: BackendOpt = "cpu", bug: BugOpt = None,
+                 signature: Annotated[str | None, typer.Option(
+                     "--signature", help="the finding to keep (default: the file's signature, "
+                     "else the case's first finding)")] = None,
+                 output: Annotated[Path | None, typer.Option(
+                     "-o", "--output", help="directory for the minimised case (default: "
+                     "beside CASE)")] = None,
+                 max_runs: Annotated[int, typer.Option(
+                     "--max-runs", help="executions at most")] = 400,
+                 seconds: Annotated[float, typer.Option(
+                     "--time", help="seconds at most")] = 60.0) -> None:
+    """Shrink a case to the smallest one with the same finding (T, E, K, H, ep_size,
+    max_loras; patches, faults and overrides dropped; values simplified)."""
+    from harness import corpus
+    from harness.corpus import CaseMeta, Expectation
+    from harness.fuzz.minimize import MinimizeConfig, minimize_case
+    from harness.triage import finding_bugs
+
+    case, meta = corpus.load(case_file)
+    bugs = tuple(bug) if bug else finding_bugs(meta)
+    signature, res = minimize_case(case, backend, bugs, signature or meta.signature,
+                                   MinimizeConfig(max_runs, seconds))
+    c0, c1 = res.original, res.case
+    out.print(f"{signature} ({backend}, variants {', '.join(bugs) or 'none'}): T {c0.num_tokens}"
+              f" -> {c1.num_tokens}, E {c0.num_experts} -> {c1.num_experts}, K {c0.topk} -> "
+              f"{c1.topk}, {len(c0.patches)} -> {len(c1.patches)} patches, {len(c0.faults)} -> "
+              f"{len(c1.faults)} faults; {res.runs} runs, {res.seconds:.1f} s"
+              + (" (budget spent)" if res.exhausted else ""), markup=False, soft_wrap=True)
+    if corpus.content_hash(c1) == corpus.content_hash(c0):
+        out.print("already minimal: nothing written")
+        return
+    new_meta = CaseMeta(origin="minimize", signature=signature,
+                        expect=(Expectation(backend, bugs, signature),),
+                        note=f"minimised from {case_file.name}",
+                        extra={"minimized_from": corpus.content_hash(c0), "runs": res.runs,
+                               "steps": res.steps[:50]})
+    path = corpus.save(c1, output if output is not None else case_file.parent, new_meta)
+    out.print(f"wrote {path}", markup=False, soft_wrap=True)

@@ -11,7 +11,8 @@ A file is `{"schema": 1, "case": {...}, "meta": {...}}`, pretty-printed with sor
   Tensors are `{"dtype", "shape", "data"}` with a flat list (<= 64 elements, written only
   when it round-trips bit-exactly) or `{"dtype", "shape", "b64"}`: base64 of little-endian
   bytes. dtypes: int32, float32, float16, bfloat16. A hand-written file may omit the case's
-  optional fields (their defaults apply); `save` writes them all.
+  optional fields (their defaults apply); `save` writes them all, except `graph_padding` at
+  its default "zero" (added later: leaving it out keeps the hashes of older cases).
 - `meta` (`CaseMeta`, optional) says where the case came from and what each backend is
   expected to report with which bug variants on.
 
@@ -47,6 +48,7 @@ from harness.case import (
     DISTRIBUTIONS,
     FAULT_KINDS,
     FAULT_TENSORS,
+    GRAPH_PADDINGS,
     PATCH_TARGETS,
     SCORINGS,
     SPECIAL_VALUES,
@@ -339,8 +341,11 @@ _CASE_DECODE: dict[str, Callable[[Any, str], Any]] = {
     "expert_to_rank": _optional(_tuple_of(_int)), "max_loras": _int,
     "adapter_enabled": _optional(_tuple_of(_bool)), "overrides": _overrides_from_json,
     "faults": _tuple_of(_fault),
+    "graph_padding": _choice(GRAPH_PADDINGS),
 }
 _CASE_REQUIRED = ("num_tokens", "num_experts", "topk")
+#: optional fields written only away from their default, so adding one kept old hashes
+_OMIT_AT_DEFAULT = {"graph_padding": "zero"}
 
 
 def _case_error(err: CaseError, path: str) -> CorpusError:
@@ -364,6 +369,9 @@ def case_to_json(case: MoECase) -> dict[str, Any]:
                        for k, t in case.overrides.fields().items()},
             faults=[_record_to_json(f) for f in case.faults],
         )
+        for name, default in _OMIT_AT_DEFAULT.items():
+            if out[name] == default:
+                del out[name]
     except CaseError as exc:
         raise _case_error(exc, "<memory>") from None
     except _Bad as exc:

@@ -11,6 +11,7 @@ triggers which variant: it runs the whole matrix.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -72,6 +73,33 @@ class DemoReport:
         """Every variant caught somewhere, the fixed chain clean everywhere."""
         fixed_clean = not self.caught("fixed")
         return fixed_clean and all(self.caught(c) for c in self.configs if c != "fixed")
+
+    def lines(self, width: int = 80) -> list[str]:
+        """The report as plain text within `width` columns: the cases numbered, a matrix of
+        configurations x cases ('x' = a finding, '·' = clean), then each finding's checks."""
+        name_w = max(len(c) for c in self.configs)
+        out = ["demo cases:"]
+        out += [f"  {i} {case}" for i, case in enumerate(self.cases, 1)]
+        out.append("")
+        head = " ".join(str(i) for i in range(1, len(self.cases) + 1))
+        out.append(f"{'configuration':<{name_w}}  {head}  result")
+        for cfg in self.configs:
+            marks = " ".join(("x" if self.cells[cfg][c] else "·").ljust(len(str(i)))
+                             for i, c in enumerate(self.cases, 1))
+            caught = self.caught(cfg)
+            verdict = ("FINDINGS" if caught else "clean") if cfg == "fixed" else (
+                "caught" if caught else "NOT CAUGHT")
+            out.append(f"{cfg:<{name_w}}  {marks}  {verdict}")
+        for cfg in self.configs:
+            hits = [(i, c) for i, c in enumerate(self.cases, 1) if self.cells[cfg][c]]
+            if not hits:
+                continue
+            out += ["", f"{cfg}:"]
+            for i, case in hits:
+                out += textwrap.wrap(f"{i} {case}: {', '.join(self.cells[cfg][case])}", width,
+                                     initial_indent="  ", subsequent_indent="      ",
+                                     break_on_hyphens=False)
+        return out
 
 
 def run_demo(target: Target | str = "cpu",

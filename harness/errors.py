@@ -90,3 +90,42 @@ class IllegalAccess(HarnessError):
 
 class BackendUnavailable(HarnessError):
     """The requested backend cannot run here (no GPU, no CUDA toolkit, a failed build)."""
+
+
+class SanitizerUnavailable(HarnessError):
+    """compute-sanitizer cannot check anything here: the executable is missing, the tool name
+    is unknown, there is no GPU or the device is not supported, or the replay never reached
+    CUDA. Raised by `harness.sanitizer` with one line that says which."""
+
+
+class IsolationError(HarnessError):
+    """A call run in a child process (`harness.isolation`) did not return a result: the child
+    died (`kind` "crash": a signal, `os._exit`, a sticky CUDA error that took the process down),
+    ran past its time-out ("timeout", the child is killed) or raised ("error").
+
+    Only that call fails; the next call gets a fresh child.
+    """
+
+    def __init__(self, kind: str, message: str, output: str = "") -> None:
+        self.kind = kind
+        self.output = output
+        super().__init__(message)
+
+
+class ConfigError(HarnessError):
+    """A configuration value outside its domain (CUDA-graph capture sizes, a padding mode, an
+    option that needs another backend); `option` names it."""
+
+    def __init__(self, option: str, message: str) -> None:
+        self.option = option
+        super().__init__(f"{option}: {message}")
+
+
+class CodecError(HarnessError):
+    """A case the fuzzer's byte codec (`harness.fuzz.codec`) cannot write exactly: a field
+    outside the codec's domain (an explicit tensor over its element cap, sizes over its work
+    limits, a list longer than it holds). `field` names the first such field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"fuzz codec, field '{field}': {message}")

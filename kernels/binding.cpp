@@ -314,6 +314,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_align", &lora_align, "LoRA align (both kernels) over num_slots blocks");
   m.def("coverage_slot_names", &coverage_slot_names, "names of the device coverage slots");
   m.attr("num_coverage_slots") = static_cast<int>(mh::COV_NUM_SLOTS);
+  m.attr("coverage_compiled") = mh::kCoverageCompiled;  // false: -DMOE_HARNESS_NO_COVERAGE
   m.def("redzone_selftest", &redzone_selftest,
         "test only: a kernel writing out[0..numel], one element past the end");
 }

@@ -20,7 +20,8 @@
 //   Every thread of the block must reach MOE_BLOCK_COVERAGE and flush() (no early `return`
 //   before flush: guard the work instead). With coverage == nullptr all of it compiles to
 //   uniform branches that skip the shared and global work (the pointer is kernel-uniform, so
-//   the conditional __syncthreads are legal).
+//   the conditional __syncthreads are legal). Built with -DMOE_HARNESS_NO_COVERAGE
+//   (kCoverageCompiled false), on() is constant false: no shared array, no branches.
 //
 // Dtype loads: load_float<T>(ptr, i) / to_float<T>(v) for T in {float, __half, __nv_bfloat16};
 //   host side, DTYPE_* -> element type via dispatch_dtype(dtype, [&](auto tag) {...}).
@@ -42,8 +43,9 @@ namespace moe_harness {
 
 class BlockCoverage {
  public:
-  __device__ BlockCoverage(uint32_t* global, uint32_t* shared) : global_(global), s_(shared) {
-    if (global_ != nullptr) {
+  __device__ BlockCoverage(uint32_t* global, uint32_t* shared)
+      : global_(kCoverageCompiled ? global : nullptr), s_(shared) {
+    if (on()) {
       const int tid = linear_tid();
       const int nthreads = static_cast<int>(blockDim.x * blockDim.y * blockDim.z);
       for (int i = tid; i < COV_NUM_SLOTS; i += nthreads) s_[i] = 0u;
@@ -51,15 +53,15 @@ class BlockCoverage {
     }
   }
 
-  __device__ __forceinline__ bool on() const { return global_ != nullptr; }
+  __device__ __forceinline__ bool on() const { return kCoverageCompiled && global_ != nullptr; }
 
   __device__ __forceinline__ void add(int slot, uint32_t n = 1u) {
-    if (global_ != nullptr && n != 0u) atomicAdd(&s_[slot], n);
+    if (on() && n != 0u) atomicAdd(&s_[slot], n);
   }
 
   // Warp-aggregated count over the lanes converged at this call.
   __device__ __forceinline__ void count(int slot, bool pred) {
-    if (global_ == nullptr) return;
+    if (!on()) return;
     const unsigned mask = __activemask();
     const unsigned hits = __ballot_sync(mask, pred);
     const int leader = __ffs(mask) - 1;
@@ -69,14 +71,14 @@ class BlockCoverage {
   }
 
   __device__ __forceinline__ void once(int slot) {
-    if (global_ != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 &&
+    if (on() && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 &&
         linear_tid() == 0) {
       atomicAdd(&s_[slot], 1u);
     }
   }
 
   __device__ __forceinline__ void flush() {
-    if (global_ == nullptr) return;
+    if (!on()) return;
     __syncthreads();
     const int tid = linear_tid();
     const int nthreads = static_cast<int>(blockDim.x * blockDim.y * blockDim.z);
@@ -95,10 +97,16 @@ class BlockCoverage {
   uint32_t* s_;
 };
 
-// Declares `name`, a BlockCoverage over a fresh __shared__ counter array, in a kernel body.
+// Declares `name`, a BlockCoverage over a fresh __shared__ counter array, in a kernel body
+// (no array, and a coverage that is always off, in a MOE_HARNESS_NO_COVERAGE build).
+#ifdef MOE_HARNESS_NO_COVERAGE
+#define MOE_BLOCK_COVERAGE(name, coverage_ptr) \
+  ::moe_harness::BlockCoverage name((coverage_ptr), nullptr)
+#else
 #define MOE_BLOCK_COVERAGE(name, coverage_ptr)                          \
   __shared__ uint32_t name##_slots_[::moe_harness::COV_NUM_SLOTS];      \
   ::moe_harness::BlockCoverage name((coverage_ptr), name##_slots_)
+#endif
 
 // ---- dtype loads ---------------------------------------------------------------------------
 

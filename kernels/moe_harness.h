@@ -28,6 +28,14 @@ enum BugBit : uint32_t {
   BUG_LORA_DISABLED_ADAPTER = 1u << 6,
 };
 
+// Built with -DMOE_HARNESS_NO_COVERAGE, every coverage statement compiles away (the pointer
+// is ignored): the build against which the counters' cost is measured (tools/bench_kernels.py).
+#ifdef MOE_HARNESS_NO_COVERAGE
+constexpr bool kCoverageCompiled = false;
+#else
+constexpr bool kCoverageCompiled = true;
+#endif
+
 enum DType : int { DTYPE_FP32 = 0, DTYPE_FP16 = 1, DTYPE_BF16 = 2 };
 enum Scoring : int { SCORING_SOFTMAX = 0, SCORING_SIGMOID = 1 };
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from harness.case import (
+    MAX_CASE_BYTES,
     MAX_TOKENS,
     Fault,
     Generated,
@@ -111,6 +112,18 @@ IMPOSSIBLE = {
     "fault fraction": (dict(faults=(Fault(fraction=1.5),)), "faults[0]"),
     "fault bit": (dict(faults=(Fault(bit=32),)), "faults[0]"),
     "fault seed": (dict(faults=(Fault(seed=-1),)), "faults[0]"),
+    "graph padding": (dict(graph_padding="ones"), "graph_padding"),
+    # impossible shapes: a buffer beyond int32 indexing, or more than MAX_CASE_BYTES in all
+    "receive buffer > 2**31": (dict(num_experts=64, topk=32, ep_size=64,
+                                    max_tokens_per_rank=MAX_TOKENS), "max_tokens_per_rank"),
+    "default receive buffer > 2**31": (dict(num_tokens=MAX_TOKENS, num_experts=64, topk=32,
+                                            ep_size=64), "ep_size"),
+    "expert_out > 2**31": (dict(num_tokens=MAX_TOKENS, num_experts=64, topk=32,
+                                hidden_size=256), "num_tokens"),
+    "lora layout > 2**31": (dict(num_tokens=MAX_TOKENS, num_experts=64, topk=32, max_loras=64),
+                            "max_loras"),
+    "logits > 8 GiB in all": (dict(num_tokens=MAX_TOKENS, num_experts=1024, topk=32),
+                              "num_tokens"),
 }
 
 
@@ -122,9 +135,27 @@ def test_validate_names_the_impossible_field(name: str) -> None:
     assert info.value.field == field and f"'{field}'" in str(info.value)
 
 
+def test_memory_estimate_bounds_the_buffers() -> None:
+    """The bench's largest case fits; the estimate grows with what sizes each buffer."""
+    big = MoECase(400_000, 512, 22, block_size=128).validate()
+    total = sum(b.bytes for b in big.memory_estimate())
+    assert 2**30 < total <= MAX_CASE_BYTES
+    names = {b.name: b for b in big.memory_estimate()}
+    assert names["gating_logits"].shape == (400_000, 512) and "gating_workspace" not in names
+    fallback = {b.name for b in big.replace(num_experts=500).memory_estimate()}
+    assert "gating_workspace" in fallback
+    lora = {b.name: b for b in base(max_loras=3).memory_estimate()}["lora sorted_token_ids"]
+    assert lora.shape == (3, 6 * 2 + 8 * 15) and lora.field == "max_loras"
+    with pytest.raises(CaseError, match=r"int32 indexing.*"):
+        MoECase(MAX_TOKENS, 64, 32, hidden_size=256).validate()
+    with pytest.raises(CaseError, match=r"9\.\d GiB, more than 8 GiB \(largest: gating_logits"):
+        MoECase(MAX_TOKENS, 1024, 32).validate()
+
+
 def test_validate_accepts_the_edges_and_returns_self() -> None:
     for case in (MoECase(num_tokens=1, num_experts=1, topk=1, block_size=1),
-                 MoECase(num_tokens=MAX_TOKENS, num_experts=1024, topk=32, hidden_size=256,
+                 MoECase(num_tokens=MAX_TOKENS, num_experts=512, topk=8, block_size=256),
+                 MoECase(num_tokens=64, num_experts=1024, topk=32, hidden_size=256,
                          block_size=256, ep_size=64, max_loras=64),
                  base(ep_size=4, max_tokens_per_rank=2, expert_to_rank=(3,) * 8, max_loras=1,
                       adapter_enabled=(False,), correction_bias=torch.zeros(8),
@@ -318,6 +349,14 @@ VIOLATIONS = {
                       "lora_ids outside"),
     "duplicate lora_ids": (dict(max_loras=2, overrides=Overrides(lora_ids=ints(1, 1, -1))),
                            "duplicate lora_ids"),
+    "bias at the mask": (dict(correction_bias=torch.tensor([0.0] * 7 + [-10000.0])),
+                         "correction_bias entry"),
+    "bias -inf patched": (dict(correction_bias=Generated(seed=3),
+                               patches=(Patch("correction_bias", "cell", "-inf", col=5),)),
+                          "correction_bias entry"),
+    "bias nan": (dict(correction_bias=torch.tensor([math.nan] + [0.0] * 7)),
+                 "correction_bias entry"),
+    "bias huge negative": (dict(correction_bias=Generated(scale=1e6)), "correction_bias entry"),
 }
 
 
@@ -329,6 +368,25 @@ def test_contract_violations(name: str) -> None:
     assert len(violations) == 1 and fragment in violations[0], violations
     assert case.severity == "out-of-contract"
     assert case.replace(faults=(Fault(),)).severity == "fault"  # faults dominate
+
+
+def test_bias_above_the_mask_is_legal() -> None:
+    for bias in (torch.tensor([-9999.0, 1e30, math.inf, 0.0, -0.0, 3.0, -5.0, 1e-40]),
+                 Generated(seed=3, scale=100.0)):
+        assert base(correction_bias=bias).contract_violations() == []
+
+
+def test_out_of_contract_bias_duplicates_ids_the_invariants_do_not_judge() -> None:
+    """Why a bias at the mask is out of contract: even the fixed warp top-k repeats an
+    expert; the gating checks do not call it a bug, and the severity says out-of-contract."""
+    from harness.api import execute
+
+    case = MoECase(4, 8, 3, correction_bias=torch.tensor([-20000.0] * 7 + [0.0]))
+    result = execute(case)
+    ids = result.gating_out.topk_ids
+    assert (ids.sort(1).values[:, 1:] == ids.sort(1).values[:, :-1]).any()  # a repeat
+    assert case.severity == "out-of-contract"
+    assert not [f for f in result.findings if f.stage == "gating"]
 
 
 def test_duplicate_minus_one_lora_ids_are_legal() -> None:

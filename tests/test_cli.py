@@ -83,3 +83,46 @@ def test_bad_input_exits_2_with_one_line(problem, case_file, tmp_path, capsys):
 def test_usage_error_exits_2(capsys):
     assert main(["no-such-command"]) == 2
     assert main(["run"]) == 2
+
+
+# -- fuzz and minimize -------------------------------------------------------------------------
+
+
+def test_fuzz_finds_a_variant_exits_1_and_a_clean_run_exits_0(tmp_path, capsys):
+    args = ["fuzz", "--runs", "150", "--seed", "2", "--no-minimize"]
+    assert main([*args, "--bug", "lora-grid-off-by-one", "--stop-on-first",
+                 "--findings", str(tmp_path / "buggy")]) == 1
+    text = capsys.readouterr().out
+    assert "finding lora_align:" in text and "seed 2" in text
+    assert main([*args, "--runs", "40", "--findings", str(tmp_path / "fixed")]) == 0
+    assert "no findings" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--time", "5", "--runs", "5"], "not both"),
+    (["--seed", "0"], "seed"),
+    (["--graph"], "graph"),
+    (["--bug", "no-such-bug"], "no-such-bug"),
+])
+def test_fuzz_bad_usage_exits_2_with_one_line(extra, expect, tmp_path, capsys):
+    assert main(["fuzz", "--findings", str(tmp_path), *extra]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and expect in err[0]
+
+
+def test_minimize_writes_a_smaller_case(tmp_path, capsys):
+    from harness.case import Patch
+
+    rows = tuple(Patch("gating_logits", "row", "nan", row=r) for r in range(8, 16))
+    path = corpus.save(MoECase(16, 64, 4, seed=2, patches=rows), tmp_path / "in")
+    out_dir = tmp_path / "out"
+    assert main(["minimize", str(path), "--bug", "topk-nan-argmax", "-o", str(out_dir)]) == 0
+    assert "gating:unique-ids" in capsys.readouterr().out
+    [written] = list(out_dir.glob("*.json"))
+    small, meta = corpus.load(written)
+    assert small.num_tokens < 16 and len(small.patches) == 1
+    assert meta.signature == "gating:unique-ids"
+    assert meta.expected("cpu", ["topk-nan-argmax"]) == "gating:unique-ids"
+    # without the variant the case has no finding to keep: bad input, one line
+    assert main(["minimize", str(path)]) == 2
+    assert "no finding" in capsys.readouterr().err

@@ -101,6 +101,7 @@ def rich_case() -> MoECase:
                 Fault("dispatch", "recv_topk_weights", "nan", rows=(), fraction=0.5, seed=9),
                 Fault("sort_align", "expert_ids", "garbage", rows=(-1,), seed=2),
                 Fault("experts", "expert_out", "inf", rows=(1, 2, 3))),
+        graph_padding="stale",
     )
 
 
@@ -220,6 +221,19 @@ def test_content_hash_is_stable() -> None:
     h = corpus.content_hash(rich_case())
     assert len(h) == 16 and int(h, 16) >= 0 and h == corpus.content_hash(rich_case())
     assert corpus.content_hash(case.replace(seed=1)) != corpus.content_hash(case)
+
+
+def test_graph_padding_is_written_only_away_from_its_default() -> None:
+    """A case without graph padding hashes as before the field existed; the others differ."""
+    case = MoECase(num_tokens=16, num_experts=8, topk=2, patches=(Patch(value="nan"),))
+    assert "graph_padding" not in corpus.case_to_json(case)
+    hashes = {corpus.content_hash(case)}
+    for mode in ("nan", "stale"):
+        doc = corpus.case_to_json(case.replace(graph_padding=mode))
+        assert doc["graph_padding"] == mode
+        assert corpus.case_from_json(doc).graph_padding == mode
+        hashes.add(corpus.content_hash(case.replace(graph_padding=mode)))
+    assert len(hashes) == 3
 
 
 def test_hash_ignores_key_order_and_meta(tmp_path: Path) -> None:
@@ -364,6 +378,7 @@ CORRUPT = {
                      "topk_ids"),
     "fault nan on ints": (setitem("case/faults/0/kind", "nan"), "case.faults[0]", "integer"),
     "bad enum": (setitem("case/scoring", "foo"), "case.scoring", "softmax"),
+    "graph padding": (setitem("case/graph_padding", "ones"), "case.graph_padding", "stale"),
     "K > E": (setitem("case/topk", 9), "case.topk", "num_experts"),
     "T = 0": (setitem("case/num_tokens", 0), "case.num_tokens", "1.."),
     "renormalize type": (setitem("case/renormalize", 0), "case.renormalize", "true or false"),

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from harness.backends.target import Target
-from harness.errors import BackendUnavailable
+from harness.errors import BackendUnavailable, ConfigError
 
 BACKENDS = ("cpu", "cuda")
 
 
-def get_target(name: str) -> Target:
-    """The backend called `name` ("cpu" or "cuda"); `BackendUnavailable` if it cannot run."""
+def get_target(name: str, graph: bool = False,
+               capture_sizes: Sequence[int] | None = None) -> Target:
+    """The backend called `name` ("cpu" or "cuda"); `BackendUnavailable` if it cannot run.
+
+    `graph=True` (cuda only): the chain replayed as CUDA graphs per capture size
+    (`cuda_graph.GraphTarget`; `capture_sizes` default 1, 2, 4, ... 512)."""
+    if graph or capture_sizes is not None:
+        if name != "cuda":
+            raise ConfigError("graph", f"CUDA-graph mode needs the cuda backend, not '{name}'")
+        try:
+            from harness.backends.cuda_graph import DEFAULT_CAPTURE_SIZES, GraphTarget
+        except ImportError as exc:
+            raise BackendUnavailable(f"the cuda backend is not available: {exc}") from None
+        return GraphTarget(DEFAULT_CAPTURE_SIZES if capture_sizes is None else capture_sizes)
     if name == "cpu":
         from harness.backends.cpu import CpuTarget
         return CpuTarget()

@@ -108,6 +108,8 @@ class _Launch:
     def output(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
                lead: int = REDZONE_BYTES, trail: int = REDZONE_BYTES) -> torch.Tensor:
         """A poison-filled buffer in redzones (an output or workspace)."""
+        if not self.target.checks:  # sanitizer-only runs: a bare, never-written allocation
+            return torch.empty(shape, dtype=dtype, device=self.target.device)
         buf = _Guarded(name, shape, dtype, self.target.device, lead, trail)
         self.buffers.append(buf)
         return buf.poison()
@@ -115,6 +117,8 @@ class _Launch:
     def input(self, name: str, t: torch.Tensor, lead: int = REDZONE_BYTES,
               trail: int = REDZONE_BYTES) -> torch.Tensor:
         """A device copy of `t` in redzones (an out-of-bounds read sees the canary)."""
+        if not self.target.checks:
+            return torch.empty(t.shape, dtype=t.dtype, device=self.target.device).copy_(t)
         buf = _Guarded(name, tuple(t.shape), t.dtype, self.target.device, lead, trail)
         self.buffers.append(buf)
         return buf.data.copy_(t)
@@ -148,7 +152,7 @@ class CudaTarget(Target):
     name = "cuda"
 
     def __init__(self, device: int | str | torch.device | None = None, coverage: bool = True,
-                 ext: ModuleType | None = None) -> None:
+                 ext: ModuleType | None = None, checks: bool = True) -> None:
         """`device`: the GPU (default: the current one); `coverage`: count device coverage;
         `ext`: a stand-in for the built extension (tests of the host side, on any device)."""
         if ext is None:
@@ -159,6 +163,8 @@ class CudaTarget(Target):
         self.device = torch.device("cuda", torch.cuda.current_device()) if device is None \
             else torch.device(device)
         self.coverage = coverage
+        #: redzones and poison (False: plain allocations, so compute-sanitizer alone checks)
+        self.checks = checks
         self.slot_names = [f"cuda.{n.lower()}" for n in self.ext.coverage_slot_names()]
         self.limits = geometry.DeviceLimits()
         if self.device.type == "cuda":

@@ -31,6 +31,8 @@ CACHE_ENV = "MOE_HARNESS_CACHE"
 MODULE_PREFIX = "moe_harness_kernels"
 CFLAGS = ("-O3", "-std=c++17")
 CUDA_CFLAGS = ("-O3", "-std=c++17", "-lineinfo")
+#: the build without device coverage (every counter compiled away), to measure their cost
+NO_COVERAGE_FLAG = "-DMOE_HARNESS_NO_COVERAGE"
 #: lines of compiler output quoted in the error of a failed build
 ERROR_TAIL_LINES = 8
 
@@ -63,14 +65,18 @@ class BuildSpec:
     toolchain: tuple[str, ...] = field(default_factory=_toolchain)
 
     @classmethod
-    def default(cls, kernel_dir: Path = KERNEL_DIR) -> BuildSpec:
-        """Every kernels/*.cu plus binding.cpp, with kernels/*.h and *.cuh as headers."""
+    def default(cls, kernel_dir: Path = KERNEL_DIR, coverage: bool = True) -> BuildSpec:
+        """Every kernels/*.cu plus binding.cpp, with kernels/*.h and *.cuh as headers;
+        `coverage=False`: the variant built with NO_COVERAGE_FLAG."""
         if not (kernel_dir / "binding.cpp").is_file():
             raise BackendUnavailable(
                 f"the cuda backend needs the kernel sources in {kernel_dir} (binding.cpp not "
                 "found; install moe-harness from a source checkout: pip install -e .)")
         sources = (*sorted(kernel_dir.glob("*.cu")), kernel_dir / "binding.cpp")
         headers = tuple(sorted([*kernel_dir.glob("*.h"), *kernel_dir.glob("*.cuh")]))
+        if not coverage:
+            return cls(sources, headers, (*CFLAGS, NO_COVERAGE_FLAG),
+                       (*CUDA_CFLAGS, NO_COVERAGE_FLAG))
         return cls(sources, headers)
 
     def digest(self) -> str:
@@ -148,8 +154,9 @@ def build(spec: BuildSpec, verbose: bool = False) -> ModuleType:
 
 
 @functools.cache
-def load_kernels(verbose: bool = False) -> ModuleType:
-    """The kernel chain's extension module, built on first use, cached across processes.
+def load_kernels(verbose: bool = False, coverage: bool = True) -> ModuleType:
+    """The kernel chain's extension module, built on first use, cached across processes;
+    `coverage=False`: the build without device coverage (its own name and cache directory).
 
     Raises BackendUnavailable without a GPU, without a toolkit (when a build is needed) or when
     the build fails.
@@ -158,7 +165,7 @@ def load_kernels(verbose: bool = False) -> ModuleType:
         raise BackendUnavailable(
             "the cuda backend needs a CUDA GPU: torch.cuda.is_available() is False "
             f"(torch {torch.__version__}, CUDA {torch.version.cuda or 'not compiled in'})")
-    spec = BuildSpec.default()
+    spec = BuildSpec.default(coverage=coverage)
     try:
         module = _import_built(spec.name, spec.directory())
     except ImportError:

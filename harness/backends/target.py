@@ -10,6 +10,7 @@ variants, coverage) and returns the stage's output dataclass, on the CPU. A meth
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,11 @@ from harness.chain.experts import ExpertsInput, ExpertsOutput, FinalizeInput
 from harness.chain.gating import GatingInput, GatingOutput
 from harness.chain.lora_align import LoraAlignInput, LoraAlignOutput
 from harness.chain.sort_align import SortAlignInput, SortAlignOutput
+
+if TYPE_CHECKING:
+    from harness.bugs import BugSet
+    from harness.case import MoECase
+    from harness.chain.runner import RunResult
 
 
 class Target(ABC):
@@ -49,6 +55,12 @@ class Target(ABC):
 
     #: launch geometry per stage; a target with kernels of another shape overrides these
     limits = geometry.DeviceLimits()
+
+    def run_chain(self, case: MoECase, bugs: BugSet) -> RunResult | None:
+        """Run the whole chain at once and return its result, or None (the default): the
+        runner calls the stages one by one. A target that replays a captured CUDA graph
+        (`cuda_graph.GraphTarget`) runs its cases here."""
+        return None
 
     def close(self) -> None:
         """Release whatever the target holds (a worker process, device memory)."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.chain import StageContext, geometry
+from harness.chain import StageContext, framed, geometry
 from harness.memory import CheckedBuffer
 
 STAGE = "dispatch"
@@ -68,9 +68,8 @@ def _owners(inp: DispatchInput) -> torch.Tensor:
     ep, E = inp.ep_size, inp.rank_of_expert.numel()
     # [0, ep) stays, anything else becomes ep (-1 wraps round to ep)
     owner = inp.rank_of_expert.to(torch.int64).clamp(-1, ep).remainder(ep + 1)
-    framed = torch.nn.functional.pad(owner, (1, 1), value=ep)
     index = (inp.topk_ids.clamp(-1, E) + 1).reshape(-1)
-    return framed.index_select(0, index).view(inp.topk_ids.shape)
+    return framed(owner, ep).index_select(0, index).view(inp.topk_ids.shape)
 
 
 def dispatch_cpu(inp: DispatchInput, ctx: StageContext) -> DispatchOutput:

@@ -36,8 +36,6 @@ from harness.memory import CheckedBuffer
 STAGE = "experts"
 #: floats gathered per sub-chunk of blocks (hidden rows + per-block weights): bounds memory
 SUB_CHUNK_FLOATS = 1 << 23
-#: below this many products per sub-chunk, a broadcast multiply-sum (one op, no thread pool)
-SMALL_PRODUCT = 1 << 16
 #: gathered floats per chunk of finalize rows
 FINALIZE_CHUNK_FLOATS = 1 << 22
 
@@ -129,9 +127,10 @@ def _run_blocks(b0: int, b1: int, bs: int, K: int, hidden: torch.Tensor,
     x = x.view(nb, bs)
     x_ok = (x >= 0) & (x < sentinel)
     write = x_ok & e_ok[:, None]
-    n_ok, n_write = int(torch.count_nonzero(x_ok)), int(torch.count_nonzero(write))
-    n_sentinel = int(torch.count_nonzero(x == sentinel))
-    ctx.cover("experts.guard.expert_out_of_range", nb - int(torch.count_nonzero(e_ok)))
+    n_ok, n_write, n_sentinel, n_e_ok = torch.stack([
+        x_ok.count_nonzero(), write.count_nonzero(), (x == sentinel).count_nonzero(),
+        e_ok.count_nonzero()]).tolist()
+    ctx.cover("experts.guard.expert_out_of_range", nb - n_e_ok)
     ctx.cover("experts.position.sentinel", n_sentinel)
     ctx.cover("experts.guard.token_out_of_range", (p1 - p0) - n_ok - n_sentinel)
     ctx.cover("experts.position.computed", n_write)
@@ -140,10 +139,7 @@ def _run_blocks(b0: int, b1: int, bs: int, K: int, hidden: torch.Tensor,
     rows = _gather_rows(STAGE, "hidden_states", hidden,
                         torch.where(write, x // K, 0).flatten()).view(nb, bs, -1)
     w = _gather_rows(STAGE, "expert_weights", weights, torch.where(e_ok, e, 0))
-    if nb * bs * w.shape[1] * w.shape[2] <= SMALL_PRODUCT:  # bmm is slow on tiny batches
-        res = (rows[..., None] * w[:, None]).sum(-2).view(nb * bs, -1)
-    else:
-        res = torch.bmm(rows, w).view(nb * bs, -1)  # fp32 accumulate
+    res = torch.bmm(rows, w).view(nb * bs, -1)  # fp32 accumulate
     view = out_rows[p0:p1]  # unwritten positions keep their poison
     torch.where(write.view(-1, 1)[: p1 - p0], res[: p1 - p0], view, out=view)
 
@@ -189,11 +185,11 @@ def finalize_cpu(inp: FinalizeInput, ctx: StageContext) -> torch.Tensor:
     rows = inp.permuted_row.reshape(N, K)
     # the trusting finalize dereferences every row but -1 (`_gather_rows` checks the bounds)
     ok = (rows != -1) if ctx.bugs.on("sort-duplicate-break") else (rows >= 0) & (rows < P)
-    n_unrouted = int(torch.count_nonzero(rows == -1))
+    n_unrouted, n_ok = torch.stack([(rows == -1).count_nonzero(), ok.count_nonzero()]).tolist()
     ctx.cover("finalize.skip.unrouted", n_unrouted)
-    ctx.cover("finalize.guard.out_of_range", N * K - int(torch.count_nonzero(ok)) - n_unrouted)
+    ctx.cover("finalize.guard.out_of_range", N * K - n_ok - n_unrouted)
     out = torch.zeros((N, H), dtype=torch.float32)
-    if not bool(ok.any()):
+    if n_ok == 0:
         return out
     values = inp.expert_out.float()
     safe = torch.where(ok, rows, 0)
@@ -203,7 +199,7 @@ def finalize_cpu(inp: FinalizeInput, ctx: StageContext) -> torch.Tensor:
         n1 = min(n0 + step, N)
         got = _gather_rows("finalize", "expert_out", values, safe[n0:n1].flatten())
         got = torch.where(ok[n0:n1, :, None], got.view(n1 - n0, K, H), 0.0)
-        acc, w = out[n0:n1], weights[n0:n1]
-        for k in range(K):  # the kernel's accumulation order
-            acc.addcmul_(w[:, k, None], got[:, k])
+        acc = out[n0:n1]
+        for term in (got * weights[n0:n1, :, None]).unbind(1):  # the kernel's order:
+            acc.add_(term)  # k = 0..K-1, each product rounded to fp32, then added
     return out

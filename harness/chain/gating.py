@@ -211,14 +211,11 @@ def _run_chunks(inp: GatingInput, ctx: StageContext, T: int, E: int,
 
 
 def _first_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max, int32 position of its first occurrence) along the last dim of a NaN-free `x`:
+    """(max, int64 position of its first occurrence) along the last dim of a NaN-free `x`:
     what a loop that starts from the first value and replaces on a strict `>` finds.
-    (amax / amin only: torch.max(dim) is several times slower on the CPU.)"""
-    n = x.shape[-1]
-    best = x.amax(-1, keepdim=True)
-    # position - n where the max is, 0 elsewhere: the min is the first position - n
-    pos = ((x == best) * torch.arange(-n, 0, dtype=torch.int32)).amin(-1).add_(n)
-    return best.squeeze(-1), pos
+    torch.max(dim) returns the first maximal index (documented), in one pass."""
+    best, pos = x.max(-1)
+    return best, pos
 
 
 def _lane_max(seg: torch.Tensor, has_nan: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,10 +249,10 @@ def _butterfly(val: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def _lane_argmax(val: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The butterfly's result when no pair is NaN: the comparison is then a total order on
-    (value desc, index asc), so any reduction tree yields its maximum."""
-    best = val.amax(1, keepdim=True)
-    winner = torch.where(val == best, idx, torch.iinfo(torch.int32).max).amin(1)
-    return best.view(-1), winner
+    (value desc, index asc), so any reduction tree yields its maximum. Lanes hold increasing
+    index ranges, so among equal values the first lane holds the lowest index."""
+    best, lane = val.max(1)
+    return best, idx.gather(1, lane.view(-1, 1)).view(-1)
 
 
 def _warp_path(inp: GatingInput, ctx: StageContext) -> GatingOutput:
@@ -264,7 +261,7 @@ def _warp_path(inp: GatingInput, ctx: StageContext) -> GatingOutput:
     between rounds, so only its running max is recomputed."""
     T, E, K = _launch(inp)
     lanes, vpt = geometry.warp_layout(E)
-    lane_base = torch.arange(lanes, dtype=torch.int32).mul_(vpt)
+    lane_base = torch.arange(0, lanes * vpt, vpt)
     step = max(1, min(T, _CHUNK_ELEMS // E))
     scores_buf = torch.empty((step, E), dtype=torch.float32)
     values_buf = torch.empty((step, E), dtype=torch.float32)  # what the arg-max compares
@@ -282,15 +279,17 @@ def _warp_path(inp: GatingInput, ctx: StageContext) -> GatingOutput:
             lane_val, pos = _lane_max(values.view(n, lanes, vpt), has_nan)
             lane_idx = pos.add_(lane_base)
             lane_rows = values.view(n * lanes, vpt)  # lane r*lanes + l of row r
-            first_lane = torch.arange(n).mul_(lanes).view(n, 1)
+            first_lane = torch.arange(0, n * lanes, lanes).view(n, 1)
         total = torch.zeros(n, dtype=torch.float32)
         rounds: _Rounds = ([], [], [])
         for k in range(K):
             if has_nan:
                 best, winner = _butterfly(lane_val, lane_idx)
+            elif vpt == 1:  # lane l holds expert l
+                best, winner = lane_val.max(1)
             else:
                 best, winner = _lane_argmax(lane_val, lane_idx)
-            col = winner.long().view(n, 1)
+            col = winner.view(n, 1)
             weight = scores.gather(1, col).view(n)
             for acc, x in zip(rounds, (winner, weight, best), strict=True):
                 acc.append(x)
@@ -355,10 +354,14 @@ def _fallback_path(inp: GatingInput, ctx: StageContext) -> GatingOutput:
         total = torch.zeros(n, dtype=torch.float32)
         rounds: _Rounds = ([], [], [])
         for k in range(K):
-            best = thr_val.amax(1)
-            tied = thr_val == best.view(n, 1)
-            found = best > _NEG_INF
-            key = torch.where(tied, thr_key, E).amin(1).masked_fill_(~found, 0).long()
+            if strides == 1:  # thread t holds key t: the first maximal thread has the lowest
+                best, key = thr_val.max(1)  # key, and (0, -inf) when nothing beats -inf
+                found = best > _NEG_INF
+            else:
+                best = thr_val.amax(1)
+                tied = thr_val == best.view(n, 1)
+                found = best > _NEG_INF
+                key = torch.where(tied, thr_key, E).amin(1).masked_fill_(~found, 0).long()
             weight = ws_buf.read(row_start + key)
             for acc, x in zip(rounds, (key, weight, best), strict=True):
                 acc.append(x)

@@ -9,6 +9,7 @@ the unchunked launch of the `grid-y-overflow` variant.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -49,7 +50,15 @@ class Launch:
 
 
 def validate(launches: list[Launch], limits: DeviceLimits = DeviceLimits()) -> list[Launch]:
-    """Raise `LaunchConfigError` for the first launch outside `limits`; return the launches."""
+    """Raise `LaunchConfigError` for the first launch outside `limits`; return the launches.
+
+    Valid launch lists are remembered (per problem shape they repeat on every run)."""
+    _validate(tuple(launches), limits)
+    return launches
+
+
+@functools.lru_cache(maxsize=1024)
+def _validate(launches: tuple[Launch, ...], limits: DeviceLimits) -> None:
     for ln in launches:
         for axis, (g, cap) in enumerate(zip(ln.grid, limits.max_grid, strict=True)):
             if not 1 <= g <= cap:
@@ -63,7 +72,6 @@ def validate(launches: list[Launch], limits: DeviceLimits = DeviceLimits()) -> l
         if ln.shared_bytes > limits.max_shared_bytes:
             raise LaunchConfigError(ln.stage, f"{ln.kernel}: {ln.shared_bytes} bytes of shared "
                                     f"memory > {limits.max_shared_bytes}", ln.grid, ln.block)
-    return launches
 
 
 # -- per-stage geometry ------------------------------------------------------------------------

@@ -8,9 +8,12 @@ naming the stage; a `ContractError` ends it as a clean rejection.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -84,6 +87,18 @@ def _faulted(case: MoECase, boundary: str, out):
     return dataclasses.replace(out, **changes)
 
 
+@functools.lru_cache(maxsize=64)
+def _ownership(num_experts: int, ep_size: int, expert_to_rank: tuple[int, ...] | None
+               ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """(rank_of_expert [E] int32, expert_map [ep, E] int32, each rank's global expert ids
+    (int64)): constants of the expert placement, computed once per placement (read-only)."""
+    case = MoECase(1, num_experts, 1, ep_size=ep_size, expert_to_rank=expert_to_rank)
+    owner = case.rank_of_expert()
+    wide = owner.long()
+    local = tuple(torch.nonzero(wide == r).flatten() for r in range(ep_size))
+    return owner, case.expert_map(), local
+
+
 def recv_garbage(case: MoECase) -> torch.Tensor:
     """What the receive buffers' padding slots hold before sanitize: expert ids of an earlier
     step, in [0, 2E) (half of them out of range), [ep, ep, M, K] int32."""
@@ -92,15 +107,47 @@ def recv_garbage(case: MoECase) -> torch.Tensor:
                          dtype=torch.int32)
 
 
+#: intra-op threads of a run. One: most of a run's ops are on small tensors, where an OpenMP
+#: fork/join costs more than the op, and on a busy machine (a fuzzer's parallel workers, CI)
+#: even the large ones lose: the 400,000-token gating ran 11x slower on 2 threads than on 1 on
+#: the 2-core CI box. Parallelism comes from running cases in parallel processes.
+CHAIN_THREADS = 1
+
+
+@contextlib.contextmanager
+def chain_mode(case: MoECase) -> Iterator[None]:
+    """The torch state a run (and its checks) executes in: inference mode (no autograd
+    bookkeeping on the thousands of small ops) and CHAIN_THREADS intra-op threads.
+
+    Tensors created inside are inference tensors: read them anywhere, but write them in
+    place only inside this context (a clone made outside it is an ordinary tensor). The
+    thread count is restored on exit.
+    """
+    threads = torch.get_num_threads()
+    single = threads > CHAIN_THREADS
+    with torch.inference_mode():
+        if single:
+            torch.set_num_threads(CHAIN_THREADS)
+        try:
+            yield
+        finally:
+            if single:
+                torch.set_num_threads(threads)
+
+
 def run_case(case: MoECase, target: Target, bugs: BugSet = FIXED) -> RunResult:
     """Run `case` once on `target` with `bugs` on. Raises `CaseError` for an invalid case."""
-    tensors = materialize(case)
-    res = RunResult(case, bugs, target.name, tensors)
-    ctx = StageContext(bugs=bugs, coverage=res.coverage)
-    try:
-        _run(case, target, ctx, res)
-    except _Stop:
-        pass
+    with chain_mode(case):
+        whole = target.run_chain(case, bugs)  # a target that runs the chain at once (CUDA graph)
+        if whole is not None:
+            return whole
+        tensors = materialize(case)
+        res = RunResult(case, bugs, target.name, tensors)
+        ctx = StageContext(bugs=bugs, coverage=res.coverage)
+        try:
+            _run(case, target, ctx, res)
+        except _Stop:
+            pass
     return res
 
 
@@ -147,27 +194,28 @@ def _run(case: MoECase, target: Target, ctx: StageContext, res: RunResult) -> No
         res.lora_out = _call(res, "lora_align", target.lora_align, res.lora_in, ctx)
 
     # 2. dispatch + sanitize
+    owner, expert_map, local_experts = _ownership(case.num_experts, case.ep_size,
+                                                  case.expert_to_rank)
     res.dispatch_in = DispatchInput(routed.topk_ids, routed.topk_weights, t.hidden_states,
-                                    case.rank_of_expert(), case.ep_size, case.recv_slots,
+                                    owner, case.ep_size, case.recv_slots,
                                     recv_garbage(case), o.recv_counters)
     res.dispatch_out = _call(res, "dispatch", target.dispatch, res.dispatch_in, ctx)
     recv = _faulted(case, "dispatch", res.dispatch_out)
 
     # 3.-4. per destination rank: sort_align -> experts -> finalize
     ep, M = case.ep_size, case.recv_slots
-    expert_map = case.expert_map()
-    owner = case.rank_of_expert()
-    rank_outputs = torch.zeros((ep, ep * M, H), dtype=torch.float32)
+    rank_outputs: list[torch.Tensor] = []
     for r in range(ep):
         rr = RankRun(r)
         res.ranks.append(rr)
-        local = torch.nonzero(owner == r).flatten()
+        local = local_experts[r]
         rr.sort_in = SortAlignInput(recv.recv_topk_ids[r].reshape(ep * M, K), expert_map[r],
-                                    int(local.numel()), case.block_size)
+                                    local.numel(), case.block_size)
         rr.sort_out = _call(res, "sort_align", target.sort_align, rr.sort_in, ctx)
         aligned = _faulted(case, "sort_align", rr.sort_out)
+        weights = t.expert_weights if ep == 1 else t.expert_weights.index_select(0, local)
         rr.experts_in = ExpertsInput(recv.recv_hidden[r].reshape(ep * M, H),
-                                     t.expert_weights[local], aligned.sorted_token_ids,
+                                     weights, aligned.sorted_token_ids,
                                      aligned.expert_ids, aligned.num_tokens_post_pad, K,
                                      case.block_size)
         rr.experts_out = _call(res, "experts", target.experts, rr.experts_in, ctx)
@@ -175,7 +223,8 @@ def _run(case: MoECase, target: Target, ctx: StageContext, res: RunResult) -> No
         rr.finalize_in = FinalizeInput(computed.expert_out, aligned.permuted_row,
                                        recv.recv_topk_weights[r].reshape(ep * M, K))
         rr.finalize_out = _call(res, "finalize", target.finalize, rr.finalize_in, ctx)
-        rank_outputs[r] = rr.finalize_out
+        rank_outputs.append(rr.finalize_out)
 
-    combine_in = CombineInput(rank_outputs, recv.recv_token_index, recv.recv_counters, T)
+    stacked = rank_outputs[0].unsqueeze(0) if ep == 1 else torch.stack(rank_outputs)
+    combine_in = CombineInput(stacked, recv.recv_token_index, recv.recv_counters, T)
     res.output = _call(res, "combine", target.combine, combine_in, ctx)

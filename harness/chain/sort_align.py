@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.chain import StageContext, geometry
+from harness.chain import StageContext, framed, geometry
 from harness.memory import CheckedBuffer
 
 STAGE = "sort_align"
@@ -74,8 +74,7 @@ def _local_ids(inp: SortAlignInput) -> torch.Tensor:
     E, E_l = inp.expert_map.numel(), inp.num_local_experts
     # [0, E_l) stays, anything else becomes E_l (-1 wraps round to E_l)
     entry = inp.expert_map.to(torch.int32).clamp(-1, E_l).remainder(E_l + 1)
-    framed = torch.nn.functional.pad(entry, (1, 1), value=E_l)
-    return framed.index_select(0, flat.clamp(-1, E) + 1)
+    return framed(entry, E_l).index_select(0, flat.clamp(-1, E) + 1)
 
 
 def _cover_skips(inp: SortAlignInput, ctx: StageContext, skipped: int) -> None:
@@ -92,7 +91,8 @@ def _cover_skips(inp: SortAlignInput, ctx: StageContext, skipped: int) -> None:
 def _offsets(counts: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exclusive prefix sums [E_l + 1] of the counts and of the counts rounded up to bs."""
     runs = torch.stack([counts, (counts + bs - 1) // bs * bs])
-    offsets = torch.nn.functional.pad(runs.cumsum(1, dtype=torch.int32), (1, 0))
+    offsets = torch.zeros((2, counts.numel() + 1), dtype=torch.int32)
+    torch.cumsum(runs, 1, dtype=torch.int32, out=offsets[:, 1:])
     return offsets[0], offsets[1]
 
 

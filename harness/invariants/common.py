@@ -6,12 +6,14 @@ import math
 
 import torch
 
+from harness.case import BIAS_FLOOR
 from harness.findings import Finding
 
 #: offending entries kept in a finding's details
 MAX_ENTRIES = 4
-#: the value the warp top-k kernel writes over a chosen expert (see harness.chain.gating)
-MASK_VALUE = -10000.0
+#: the value the warp top-k kernel writes over a chosen expert (see harness.chain.gating): a
+#: bias at or below it (or NaN) puts the case out of contract (`MoECase.contract_violations`)
+MASK_VALUE = BIAS_FLOOR
 #: the smallest normal fp32: renormalisation sums below it are implementation-defined
 TINY = torch.finfo(torch.float32).tiny
 
@@ -67,6 +69,12 @@ class Report:
         if check not in self.found:
             data = {**self.extra, **{k: jsonable(v) for k, v in details.items()}}
             self.found[check] = Finding(self.stage, check, message, self.severity, data)
+
+
+def finite(x: torch.Tensor) -> torch.Tensor:
+    """torch.isfinite for float tensors: |x| < inf is False exactly for NaN and +-Inf (one
+    op cheaper than isfinite's composite on the small tensors checked per run)."""
+    return x.abs() < math.inf
 
 
 def bits(x: torch.Tensor) -> torch.Tensor:

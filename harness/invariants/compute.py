@@ -10,9 +10,13 @@ from harness import oracle
 from harness.chain.runner import RankRun, RunResult
 from harness.invariants.common import (
     Report,
+    finite,
     first,
     shape_of,
 )
+
+#: gathered floats per chunk of rows in the finalize check (bounds memory at 400,000 tokens)
+CHUNK_FLOATS = 1 << 22
 
 # -- experts, finalize -------------------------------------------------------------------------
 
@@ -37,14 +41,15 @@ def experts(rr: RankRun, dtype: torch.dtype, rep: Report) -> None:
     x = sid[:nb * bs]
     e = eid[:nb]
     e_ok = (e >= 0) & (e < E_l)
-    ok = (x >= 0) & (x < N * K) & e_ok[:, None].expand(nb, bs).reshape(-1)
-    ok[n:] = False
+    ok = (((x >= 0) & (x < N * K)).view(nb, bs) & e_ok[:, None]).view(-1)
+    if n < nb * bs:
+        ok[n:] = False
     if not bool(ok.any()):
         return
     rows = torch.where(ok, x // K, 0)
     h = hidden.index_select(0, rows).float()
     e_safe = torch.where(e_ok, e, 0)
-    expected = oracle.batched_matmul(h.view(nb, bs, H), W.index_select(0, e_safe).float())
+    expected = torch.bmm(h.view(nb, bs, H), W.index_select(0, e_safe).float())
     expected = expected.view(nb * bs, H)
     # |hidden[n] @ W[e]| <= ||hidden[n]||_1 * max|W[e]|; positions not held: a NaN scale
     w_max = W.abs().amax((1, 2)).float()[e_safe]
@@ -73,14 +78,18 @@ def finalize(rr: RankRun, dtype: torch.dtype, rep: Report) -> None:
     table = torch.cat([values, values.new_zeros(1, H)])
     safe = torch.where(ok, rows, P)
     wk = torch.where(ok, w, 0.0)
-    expected = torch.zeros((N, H))
-    scale = torch.zeros(N)
-    for k in range(K):
-        v = table.index_select(0, safe[:, k])
-        expected.addcmul_(v, wk[:, k, None])
-        scale.addcmul_(v.abs().amax(1), wk[:, k].abs())  # NaN propagates: not judged
+    expected = torch.empty((N, H))
+    scale = torch.empty(N)
+    step = max(1, CHUNK_FLOATS // max(K * H, 1))
+    for r0 in range(0, N, step):  # all K terms of a chunk of rows at once, bounded memory
+        r1 = min(N, r0 + step)
+        v = table.index_select(0, safe[r0:r1].reshape(-1)).view(r1 - r0, K, H)
+        wr = wk[r0:r1]
+        torch.sum(v * wr[:, :, None], 1, out=expected[r0:r1])
+        # NaN propagates: not judged
+        torch.sum(v.abs_().amax(2) * wr.abs(), 1, out=scale[r0:r1])
     # a judged scale means every term read was finite and their sum cannot overflow
-    nonfinite = oracle.judged(scale) & ~torch.isfinite(got).all(1)
+    nonfinite = oracle.judged(scale) & ~finite(got).all(1)
     if bool(nonfinite.any()):
         r = first(nonfinite)
         rep.add("finite", "non-finite output from finite weights and expert outputs", rows=r,
@@ -117,7 +126,7 @@ def chain(res: RunResult, rep: Report) -> None:
     h_l1 = t.hidden_states.float().abs().sum(1)
     scale = h_l1 * torch.where(ok, w.float().abs() * w_max, 0.0).sum(1)
     scale.masked_fill_(~oracle.judged(h_l1 * w_max.amax(1)), math.nan)
-    nonfinite = oracle.judged(scale) & ~torch.isfinite(got).all(1)
+    nonfinite = oracle.judged(scale) & ~finite(got).all(1)
     if bool(nonfinite.any()):
         r = first(nonfinite)
         rep.add("finite", "non-finite output for finite weights and hidden states", rows=r,

@@ -7,6 +7,7 @@ import math
 import torch
 
 from harness import oracle
+from harness.chain import framed
 from harness.chain.runner import RunResult
 from harness.invariants.common import (
     MASK_VALUE,
@@ -14,6 +15,7 @@ from harness.invariants.common import (
     TINY,
     Report,
     bits,
+    finite,
     first,
     shape_of,
 )
@@ -30,27 +32,35 @@ def gating(res: RunResult, rep: Report) -> None:
     ids = shape_of("topk_ids", out.topk_ids, (T, K)).long()
     w = shape_of("topk_weights", out.topk_weights, (T, K)).float()
 
-    in_range = (ids >= 0) & (ids < E)
-    rows_ok = in_range.all(1)
-    if not bool(rows_ok.all()):
-        r = first(~rows_ok)
-        rep.add("ids-in-range", f"expert ids outside [0, {E})", rows=r, ids=ids[r])
+    # one pass over each output first: on a clean run every range check below is skipped
+    (id_lo, id_hi), (w_lo, w_hi) = (torch.stack(torch.aminmax(t)).tolist() for t in (ids, w))
+    rows_ok = safe = None  # None: every id in range
+    if not (id_lo >= 0 and id_hi < E):
+        in_range = (ids >= 0) & (ids < E)
+        rows_ok = in_range.all(1)
+        safe = ids.masked_fill(~in_range, 0)
+        if not bool(rows_ok.all()):
+            r = first(~rows_ok)
+            rep.add("ids-in-range", f"expert ids outside [0, {E})", rows=r, ids=ids[r])
     # the selection is defined for biases > the kernels' mask value (-10000) only: below it
-    # (or NaN) a chosen expert is selected again, by the kernels' design (see the oracle)
+    # (or NaN) a chosen expert is selected again, by the kernels' design (see the oracle), and
+    # the case is out of contract (MoECase.contract_violations)
     bias = inp.correction_bias
     sel_defined = bias is None or bool((bias.float() > MASK_VALUE).all())
     if sel_defined and K > 1:
         dup = _repeats(ids)
-        if bool(dup.any()):
+        if dup is not None:
             r = first(dup)
             rep.add("unique-ids", "an expert id repeats within a token", rows=r, ids=ids[r])
-    bad_w = ~((w >= 0) & (w < math.inf))  # NaN fails both
-    if bool(bad_w.any()):
-        r = first(bad_w)
-        rep.add("weights-finite", "a weight is NaN, infinite or negative", rows=r, weights=w[r])
+    if not (w_lo >= 0 and w_hi < math.inf):  # a NaN fails both (aminmax propagates it)
+        bad_w = ~((w >= 0) & (w < math.inf))
+        if bool(bad_w.any()):
+            r = first(bad_w)
+            rep.add("weights-finite", "a weight is NaN, infinite or negative", rows=r,
+                    weights=w[r])
 
     rtol, atol = oracle.tolerance("fp32")  # scores are fp32 by contract, whatever the input
-    safe = ids.masked_fill(~in_range, 0)
+    safe = ids if safe is None else safe
     step = max(1, oracle.GATING_CHUNK_ELEMS // max(E, 1))
     if T <= step:
         bad_norm, bad_match = _gating_rows(inp, logits, safe, w, sel_defined, rtol, atol)
@@ -61,13 +71,15 @@ def gating(res: RunResult, rep: Report) -> None:
             sl = slice(r0, r0 + step)
             bad_norm[sl], bad_match[sl] = _gating_rows(inp, logits[sl], safe[sl], w[sl],
                                                        sel_defined, rtol, atol)
-    bad_norm &= rows_ok
-    bad_match &= rows_ok
-    if bool(bad_norm.any()):
+    if rows_ok is not None:
+        bad_norm &= rows_ok
+        bad_match &= rows_ok
+    any_norm, any_match = torch.stack([bad_norm.any(), bad_match.any()]).tolist()
+    if any_norm:
         r = first(bad_norm)
         rep.add("renormalized", "renormalised weights do not sum to 1", rows=r,
                 sums=w[r].sum(1))
-    if bool(bad_match.any()) and not rep.found:
+    if any_match and not rep.found:
         r = first(bad_match)
         want = oracle.gating(type(inp)(logits[r], bias, K, inp.scoring, inp.renormalize))
         rep.add("matches-oracle", "ids or weights differ from the oracle's top-k", rows=r,
@@ -75,14 +87,18 @@ def gating(res: RunResult, rep: Report) -> None:
                 oracle_weights=want.topk_weights)
 
 
-def _repeats(ids: torch.Tensor) -> torch.Tensor:
-    """[T] bool: does an id repeat within row t? (all pairs when small, else a sort)"""
+def _repeats(ids: torch.Tensor) -> torch.Tensor | None:
+    """[T] bool: does an id repeat within row t? None when none does. (All pairs when small,
+    else a sort.)"""
     T, K = ids.shape
     if T * K * K <= 1 << 16:
         same = ids.unsqueeze(2) == ids.unsqueeze(1)
+        if int(same.sum()) == T * K:  # the diagonals only
+            return None
         return same.sum((1, 2)) > K  # the diagonal counts K
     s = ids.sort(1).values
-    return (s[:, 1:] == s[:, :-1]).any(1)
+    dup = (s[:, 1:] == s[:, :-1]).any(1)
+    return dup if bool(dup.any()) else None
 
 
 def _gating_rows(inp, logits: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
@@ -102,11 +118,11 @@ def _gating_rows(inp, logits: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
     if inp.scoring == "softmax":
         x = torch.sub(logits, logits.amax(1, keepdim=True).float()).exp_()  # fp32, a new tensor
         unit = x.sum(1, keepdim=True)
-        clean = torch.isfinite(unit).squeeze(1)
+        clean = finite(unit).squeeze(1)
         chosen = x.gather(1, ids) / unit
     else:
         x = torch.sigmoid(logits.float())
-        clean = torch.isfinite(x.sum(1))
+        clean = finite(x.sum(1))
         chosen = x.gather(1, ids)
     chosen = torch.nan_to_num(chosen, nan=0.0, posinf=0.0, neginf=0.0)  # the clamp policy
     bad_norm = torch.zeros(x.shape[0], dtype=torch.bool)
@@ -118,7 +134,7 @@ def _gating_rows(inp, logits: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
         # sigmoid that underflows to 0 or to a subnormal): such rows are not judged
         normal = total.squeeze(1) >= TINY
         bad_norm = normal & ((w.sum(1) - 1).abs() > atol * K)
-    bad = ~((w - expected_w).abs() <= expected_w.abs() * rtol + atol).all(1)
+    bad = ~((w - expected_w).abs_() <= expected_w.abs() * rtol + atol).all(1)
     if inp.renormalize:
         bad &= normal
     if not sel_defined:
@@ -164,19 +180,18 @@ def dispatch(res: RunResult, rep: Report) -> None:
                 slots=where, ids=recv_ids[d, s, m], recv_counters=counters[d, s])
 
     # what each destination must receive: source s sends, in token order, every token of
-    # [s*P, (s+1)*P) with an id in [0, E) owned by the destination
+    # [s*P, (s+1)*P) with an id in [0, E) owned by the destination (rank ep: nobody; ids are
+    # clamped onto two "nobody" entries framing the owner table)
     E = inp.rank_of_expert.numel()
     P = -(-T // ep)
     ids = inp.topk_ids
-    ok = (ids >= 0) & (ids < E)
-    owner = inp.rank_of_expert.long().index_select(
-        0, ids.masked_fill(~ok, 0).reshape(-1).long()).view(T, K)
-    owner = torch.where(ok & (owner >= 0) & (owner < ep), owner, ep)
+    rank = inp.rank_of_expert.long().clamp(-1, ep).remainder(ep + 1)  # outside [0, ep): ep
+    owner = framed(rank, ep)[ids.long().clamp(-1, E) + 1]  # [T, K]
     sent = torch.zeros((ep * P, ep + 1), dtype=torch.bool)
     sent[:T].scatter_(1, owner, True)
     sent = sent[:, :ep].reshape(ep, P, ep)  # [src, token in src, dst]
-    slot = sent.cumsum(1) - 1
-    true_counts = sent.sum(1).t()  # [dst, src]
+    slot = sent.cumsum(1)
+    true_counts = slot[:, -1].t()  # [dst, src]
     if inp.recv_counters_override is None:  # an override reports counts of its own by design
         wrong = counters != true_counts
         if bool(wrong.any()):
@@ -188,21 +203,26 @@ def dispatch(res: RunResult, rep: Report) -> None:
     # real slots (below both the true count and the clamped counter) hold the routed tokens,
     # copied bit for bit
     flat = torch.nonzero(sent.reshape(-1)).squeeze(1)  # (src, token in src, dst): token order
-    src, dst = flat // (P * ep), flat % ep
-    token = flat // ep
-    m = slot.reshape(-1).index_select(0, flat)
-    real = m < (torch.minimum(true_counts, limit)[dst, src])
-    src, dst, token, m = src[real], dst[real], token[real], m[real]
+    token, dst = flat // ep, flat % ep
+    src = token // P
+    m = slot.reshape(-1).index_select(0, flat) - 1
+    if not bool((true_counts <= limit).all()):  # else every sent token has a real slot
+        real = torch.nonzero(m < torch.minimum(true_counts, limit)[dst, src]).squeeze(1)
+        src, dst, token, m = (t.index_select(0, real) for t in (src, dst, token, m))
     where = (dst * ep + src) * M + m  # flat [dst, src, slot]
     got_tok = recv_tok.reshape(-1).index_select(0, where)
-    bad = got_tok != token
     got_ids = recv_ids.reshape(-1, K).index_select(0, where)
-    bad |= (got_ids != ids.index_select(0, token)).any(1)
-    pairs = ((recv_w, inp.topk_weights.to(recv_w.dtype), K),
-             (recv_h, inp.hidden_states.to(recv_h.dtype), H))
-    for got, want, width in pairs:
-        bad |= (bits(got).reshape(-1, width).index_select(0, where)
-                != bits(want).index_select(0, token)).any(1)
+    want_ids = ids.index_select(0, token)
+    pairs = [(recv_w.reshape(-1, K).index_select(0, where),
+              inp.topk_weights.to(recv_w.dtype).index_select(0, token)),
+             (recv_h.reshape(-1, H).index_select(0, where),
+              inp.hidden_states.to(recv_h.dtype).index_select(0, token))]
+    if (torch.equal(got_tok, token.to(got_tok.dtype)) and torch.equal(got_ids, want_ids)
+            and all(torch.equal(bits(a), bits(b)) for a, b in pairs)):
+        return
+    bad = (got_tok != token) | (got_ids != want_ids).any(1)
+    for got, want in pairs:
+        bad |= (bits(got) != bits(want)).any(1)
     if bool(bad.any()):
         i = torch.nonzero(bad)[:MAX_ENTRIES].squeeze(1)
         rep.add("slots-match", "a received slot does not hold its routed token",

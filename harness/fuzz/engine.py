@@ -1,0 +1,521 @@
+"""The fuzz engine: atheris (libFuzzer) over the decoder, the MoE-aware mutators and the chain.
+
+    bytes --codec.decode--> MoECase --executor--> findings + coverage features
+      ^                                              |
+      +-- libFuzzer (-seed, corpus dir) <-- Python edge coverage + feature counters
+
+libFuzzer ends its process when it stops (`atheris.Fuzz()` never returns), so `fuzz` runs the
+loop in a child process (`python -c _BOOTSTRAP RUN_DIR`) and watches it: the child writes a
+status file (executions, findings) atomically, libFuzzer its log and its corpus directory (one
+byte file per input, its own format), the `FindingStore` one corpus JSON per new signature.
+The parent reports progress, minimises each new finding (in a thread, while the loop goes on)
+and builds the `FuzzReport`. Inside the child the chain's modules are instrumented by atheris
+(Python edge coverage) and every run's semantic features (`features.features`, including the
+cuda backend's device coverage) bump counters reserved once with `atheris._reserve_counter()`.
+
+Findings never reach libFuzzer: the test function records them (deduplicated by signature)
+and returns, so fuzzing goes on; with `stop_on_first` the child exits after saving the first.
+The variants (`bugs`) are handed to the executor unread. `seed` makes a run with `runs`
+reproducible; a killed run resumes from its corpus and findings directories.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from harness.errors import BackendUnavailable, ConfigError, HarnessError
+from harness.fuzz.store import FindingStore, StoredFinding
+
+#: counters reserved for semantic features (feature ids are taken modulo this)
+FEATURE_COUNTERS = 1 << 13
+#: modules whose Python edges libFuzzer sees (the chain, its checks, the decoder)
+INSTRUMENTED = ["harness"]
+NOT_INSTRUMENTED = ["harness.fuzz.engine", "harness.fuzz.store", "harness.fuzz.mutators",
+                    "harness.fuzz.minimize", "harness.corpus", "harness.cli",
+                    "harness.isolation", "harness.demo"]
+RUN_DIR = ".fuzz-run"
+#: the codec's work limits on the cpu backend (`codec.CodecLimits` fields). The CPU model's cost
+#: grows steeply with T (with the default limits a mutated case took up to 30 s, and cases over
+#: 0.5 s took half the time; with these, at most ~1 s: 3x the executions per minute), while
+#: every launch threshold stays reachable (grid.y at block_size 1: T * K > 65535)
+CPU_LIMITS = {"logits_elements": 2**18, "recv_elements": 2**17, "expert_work": 2**24}
+STATUS_EVERY_S = 0.25
+
+
+@dataclass(frozen=True)
+class FuzzConfig:
+    """One fuzz run. `seconds` or `runs` bounds it (`seconds` counts from the start of the
+    child process); `seed` None picks a fresh one (reported, so any run can be repeated);
+    `corpus_dir` None is `<findings_dir>/corpus`. `moe_mutators` off leaves libFuzzer's byte
+    mutations alone (ablation); `device_coverage` off hides the cuda backend's counters;
+    `python_coverage` off skips atheris' instrumentation. `libfuzzer_args` pass through."""
+
+    backend: str = "cpu"
+    bugs: tuple[str, ...] = ()
+    seconds: float | None = 60.0
+    runs: int | None = None
+    corpus_dir: Path | None = None
+    findings_dir: Path = Path("findings")
+    seed: int | None = None
+    stop_on_first: bool = False
+    moe_mutators: bool = True
+    graph: bool = False
+    device_coverage: bool = True
+    python_coverage: bool = True
+    max_len: int | None = None
+    #: every Nth execution under compute-sanitizer (placeholder: 0 = never)
+    sanitizer_every: int = 0
+    minimize: bool = True
+    minimize_seconds: float = 30.0
+    hang_timeout: float = 10.0
+    libfuzzer_args: tuple[str, ...] = ()
+
+    def resolved(self) -> FuzzConfig:
+        """Checked, with the seed and the corpus directory filled in."""
+        from harness.bugs import BugSet
+
+        BugSet.of(self.bugs)  # UnknownVariant names a bad variant
+        if self.seconds is not None and self.runs is not None:
+            raise ConfigError("seconds/runs", "give a time budget or a run budget, not both")
+        if self.seconds is not None and not (math.isfinite(self.seconds) and self.seconds > 0):
+            raise ConfigError("seconds", f"the time budget must be > 0, got {self.seconds}")
+        if self.runs is not None and self.runs < 1:
+            raise ConfigError("runs", f"the run budget must be >= 1, got {self.runs}")
+        if self.seed is not None and not 1 <= self.seed < 2**31:
+            raise ConfigError("seed", f"must be in 1..2**31-1, got {self.seed} (libFuzzer reads "
+                                      "0 as 'pick one')")
+        if self.max_len is not None and self.max_len < 1:
+            raise ConfigError("max_len", f"must be >= 1, got {self.max_len}")
+        if self.graph and self.backend != "cuda":
+            raise ConfigError("graph", f"CUDA-graph mode needs the cuda backend, not "
+                                       f"'{self.backend}'")
+        if self.sanitizer_every < 0:
+            raise ConfigError("sanitizer_every", f"must be >= 0, got {self.sanitizer_every}")
+        seed = self.seed if self.seed is not None else random.SystemRandom().randrange(1, 2**31)
+        findings = Path(self.findings_dir)
+        corpus = Path(self.corpus_dir) if self.corpus_dir is not None else findings / "corpus"
+        return replace(self, seed=seed, findings_dir=findings, corpus_dir=corpus,
+                       bugs=tuple(sorted(set(self.bugs))))
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out.update(corpus_dir=str(self.corpus_dir), findings_dir=str(self.findings_dir),
+                   bugs=list(self.bugs), libfuzzer_args=list(self.libfuzzer_args))
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict) -> FuzzConfig:
+        known = {f.name for f in fields(cls)}
+        obj = {k: v for k, v in obj.items() if k in known}
+        obj.update(corpus_dir=Path(obj["corpus_dir"]), findings_dir=Path(obj["findings_dir"]),
+                   bugs=tuple(obj["bugs"]), libfuzzer_args=tuple(obj["libfuzzer_args"]))
+        return cls(**obj)
+
+
+@dataclass
+class FuzzStatus:
+    """Where a run stands: what the progress callback sees and the report is built from.
+
+    `coverage` and `features` are libFuzzer's "cov" (edges) and "ft" (features, edges and
+    counters by hit-count bucket); `semantic` the distinct semantic feature ids seen."""
+
+    seconds: float = 0.0
+    executions: int = 0
+    coverage: int = 0
+    features: int = 0
+    semantic: int = 0
+    corpus_size: int = 0
+    invalid: int = 0
+    decode_errors: int = 0
+    restarts: int = 0
+    findings: list[StoredFinding] = field(default_factory=list)
+    done: bool = False
+    reason: str = ""
+
+    @property
+    def exec_per_s(self) -> float:
+        return self.executions / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class FuzzReport:
+    """The result of `fuzz`: the final status, every finding (this run's and, marked
+    `earlier`, those of earlier runs on the same findings directory) and where things are."""
+
+    config: FuzzConfig
+    status: FuzzStatus
+    findings: list[StoredFinding]
+    log: Path
+    minimize_errors: list[str] = field(default_factory=list)
+
+    @property
+    def new_findings(self) -> list[StoredFinding]:
+        return [f for f in self.findings if not f.earlier]
+
+    def to_json(self) -> dict:
+        s = self.status
+        return {"seed": self.config.seed, "backend": self.config.backend,
+                "seconds": s.seconds, "executions": s.executions, "exec_per_s": s.exec_per_s,
+                "coverage": s.coverage, "features": s.features, "semantic": s.semantic,
+                "corpus_size": s.corpus_size, "restarts": s.restarts, "reason": s.reason,
+                "findings": [f.to_json() for f in self.findings], "log": str(self.log)}
+
+
+Progress = Callable[[FuzzStatus], bool | None]
+
+# -- the parent --------------------------------------------------------------------------------
+
+_LIBFUZZER_LINE = re.compile(rb"cov: (\d+) ft: (\d+) corp: (\d+)/")
+_BOOTSTRAP = "import sys; from harness.fuzz.engine import child_main; child_main(sys.argv[1])"
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    """Atomic (temp file + rename), without fsync: status files are rewritten often."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class _Watcher:
+    """Follows the child's status file and libFuzzer's log."""
+
+    def __init__(self, run_dir: Path, corpus_dir: Path) -> None:
+        self.status_path = run_dir / "status.json"
+        self.log_path = run_dir / "libfuzzer.log"
+        self.corpus_dir = corpus_dir
+        self.status = FuzzStatus()
+        self.error = ""
+        self._log_offset = 0
+
+    def poll(self) -> FuzzStatus:
+        obj = _read_json(self.status_path)
+        s = self.status
+        if obj is not None:
+            for key in ("seconds", "executions", "semantic", "invalid", "decode_errors",
+                        "restarts", "done", "reason"):
+                setattr(s, key, obj[key])
+            s.findings = [StoredFinding.from_json(f) for f in obj["findings"]]
+            self.error = obj["error"]
+        with contextlib.suppress(OSError), open(self.log_path, "rb") as log:
+            log.seek(self._log_offset)
+            chunk = log.read()
+            cut = chunk.rfind(b"\n") + 1
+            self._log_offset += cut
+            for m in _LIBFUZZER_LINE.finditer(chunk[:cut]):
+                s.coverage, s.features = int(m.group(1)), int(m.group(2))
+        with contextlib.suppress(OSError):
+            s.corpus_size = sum(1 for p in self.corpus_dir.iterdir() if p.is_file())
+        return s
+
+    def log_tail(self, chars: int = 2000) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_bytes()[-chars:].decode("utf-8", "replace")
+        return ""
+
+
+class _Minimizer:
+    """Minimises new findings one at a time in a background thread, storing the results."""
+
+    def __init__(self, config: FuzzConfig) -> None:
+        self.config = config
+        self.store = FindingStore(config.findings_dir, config.backend, config.bugs, config.seed)
+        self.done: dict[str, Path] = {}
+        self.errors: list[str] = []
+        self._queue: list[str] = []
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._executor = None
+
+    def submit(self, signature: str) -> None:
+        with self._lock:
+            if signature in self._seen:
+                return
+            self._seen.add(signature)
+            self._queue.append(signature)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._work, daemon=True,
+                                                name="moe-harness-minimize")
+                self._thread.start()
+
+    def _work(self) -> None:
+        from harness.fuzz.minimize import MinimizeConfig, minimize_finding
+        from harness.fuzz.worker import make_executor
+
+        while True:
+            with self._lock:
+                if not self._queue:
+                    return
+                signature = self._queue.pop(0)
+            try:
+                if self._executor is None:
+                    c = self.config
+                    self._executor = make_executor(c.backend, c.bugs, graph=c.graph,
+                                                   timeout=c.hang_timeout,
+                                                   features=lambda result: [])
+                self.store.reload()
+                case = self.store.load_case(signature)
+                res = minimize_finding(case, signature, self._executor,
+                                       MinimizeConfig(max_seconds=self.config.minimize_seconds))
+                stored = self.store.record_minimized(signature, res.case, res.runs,
+                                                     res.seconds)
+                self.done[signature] = stored.minimized
+            except Exception as exc:  # a report, never a crash of the run
+                self.errors.append(f"minimising {signature}: {type(exc).__name__}: {exc}")
+
+    def join(self, timeout: float | None = None) -> None:
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        if self._executor is not None and (thread is None or not thread.is_alive()):
+            self._executor.close()
+            self._executor = None
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (libFuzzer exits gracefully), then SIGKILL."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def fuzz(config: FuzzConfig, progress: Progress | None = None) -> FuzzReport:
+    """Run the fuzzer as `config` says; `progress(status)` is called about 4 times a second
+    and may return True to stop the run. Raises `ConfigError` for a bad configuration,
+    `UnknownVariant` for a bad variant and `HarnessError` if the fuzzing process fails."""
+    config = config.resolved()
+    findings_dir, corpus_dir = config.findings_dir, config.corpus_dir
+    run_dir = findings_dir / RUN_DIR
+    for d in (findings_dir, corpus_dir, run_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    for stale in ("status.json", "libfuzzer.log"):
+        (run_dir / stale).unlink(missing_ok=True)
+    earlier = FindingStore(findings_dir, config.backend, config.bugs, config.seed).findings()
+    _write_json(run_dir / "config.json", {**config.to_json(), "started_at": time.time()})
+
+    watcher = _Watcher(run_dir, corpus_dir)
+    minimizer = _Minimizer(config)
+    # the child imports what we import (a user's target module, a checkout on PYTHONPATH)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p and os.path.exists(p))}
+    # a safety net only: the child ends itself on its budget (kernels may build at first use)
+    limit = None if config.seconds is None else \
+        config.seconds + 120.0 + (900.0 if config.backend == "cuda" else 0.0)
+    start = time.monotonic()
+    with open(watcher.log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", _BOOTSTRAP, str(run_dir)],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env)
+    stopped = False
+    try:
+        while proc.poll() is None:
+            time.sleep(STATUS_EVERY_S)
+            status = watcher.poll()
+            if config.minimize:
+                for f in status.findings:
+                    minimizer.submit(f.signature)
+            if progress is not None and progress(status) and not stopped:
+                stopped = True
+                _stop(proc)
+            if limit is not None and time.monotonic() - start > limit:
+                stopped = True
+                _stop(proc)
+    except KeyboardInterrupt:  # Ctrl-C: stop the child, report what was found
+        stopped = True
+    finally:
+        _stop(proc)
+    status = watcher.poll()
+    if watcher.error:
+        raise BackendUnavailable(watcher.error)
+    if not status.done and not stopped and proc.returncode != 0:
+        raise HarnessError(f"the fuzzing process failed (exit code {proc.returncode}); log "
+                           f"{watcher.log_path}:\n{watcher.log_tail()}")
+    if not status.done:
+        status.reason = "stopped" if stopped else "run budget"
+    if config.minimize:
+        for f in status.findings:
+            minimizer.submit(f.signature)
+        minimizer.join(config.minimize_seconds * max(1, len(status.findings)) + 30)
+    new = {f.signature: f for f in status.findings}
+    for sig, path in minimizer.done.items():
+        if sig in new:
+            new[sig] = replace(new[sig], minimized=path)
+    findings = [f for f in earlier if f.signature not in new] + list(new.values())
+    if progress is not None:
+        progress(status)
+    return FuzzReport(config, status, findings, watcher.log_path, minimizer.errors)
+
+
+# -- the child ---------------------------------------------------------------------------------
+
+
+class _Child:
+    """The state of the fuzzing process: executor, store, counters, status."""
+
+    def __init__(self, config: FuzzConfig, started_at: float, run_dir: Path) -> None:
+        import atheris
+
+        from harness.fuzz import codec, features, worker
+
+        self.config, self.started_at, self.run_dir = config, started_at, run_dir
+        self.codec = codec
+        self.limits = codec_limits(config.backend)
+        self.trace = atheris._trace_branch  # rebound after atheris.Setup (see child_main)
+        self.counters = [atheris._reserve_counter() for _ in range(FEATURE_COUNTERS)]
+        self._make_executor = lambda: worker.make_executor(
+            config.backend, config.bugs, device_coverage=config.device_coverage,
+            graph=config.graph, timeout=config.hang_timeout, features=features.features)
+        self.executor = None
+        self.store = FindingStore(config.findings_dir, config.backend, config.bugs, config.seed)
+        self.new: list[StoredFinding] = []
+        self.semantic: set[int] = set()
+        self.executions = self.invalid = self.decode_errors = 0
+        self._last_status = 0.0
+
+    def open(self) -> None:
+        """Make and start the executor (the cuda kernels are built or loaded here)."""
+        self.executor = self._make_executor()
+        self.executor.start()
+
+    def elapsed(self) -> float:
+        return time.time() - self.started_at
+
+    def write_status(self, done: bool = False, reason: str = "", error: str = "") -> None:
+        status = {"seconds": self.elapsed(), "executions": self.executions,
+                  "semantic": len(self.semantic), "invalid": self.invalid,
+                  "decode_errors": self.decode_errors,
+                  "restarts": getattr(self.executor, "restarts", 0),
+                  "findings": [f.to_json() for f in self.new], "done": done, "reason": reason,
+                  "error": error}
+        _write_json(self.run_dir / "status.json", status)
+        self._last_status = time.monotonic()
+
+    def finish(self, reason: str, error: str = "") -> None:
+        self.write_status(done=True, reason=reason, error=error)
+        if self.executor is not None:
+            with contextlib.suppress(Exception):
+                self.executor.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    def test_one_input(self, data: bytes) -> None:
+        """libFuzzer's target: decode, run, feed features, record findings; never raises."""
+        self.executions += 1
+        try:
+            case = self.codec.decode(data, self.limits)
+        except Exception:  # the decoder is total by contract; count a breach, go on
+            self.decode_errors += 1
+            return
+        try:
+            outcome = self.executor.run(case)
+        except HarnessError as exc:  # the backend cannot run (BackendUnavailable)
+            self.finish("error", str(exc))
+        if outcome.invalid:
+            self.invalid += 1
+        counters, trace = self.counters, self.trace
+        for f in outcome.features:
+            trace(counters[f % FEATURE_COUNTERS])
+        self.semantic.update(outcome.features)
+        found = False
+        for finding in outcome.findings:
+            try:
+                stored = self.store.record(case, finding, self.elapsed(), self.executions)
+            except (HarnessError, OSError) as exc:  # a finding that cannot be kept: say so
+                self.finish("error", f"cannot save the finding {finding.signature}: {exc}")
+            if stored is not None:
+                self.new.append(stored)
+                found = True
+        c = self.config
+        if found and c.stop_on_first:
+            self.finish("first finding")
+        if c.seconds is not None and self.elapsed() >= c.seconds:
+            self.finish("time budget")
+        if c.runs is not None and self.executions >= c.runs:
+            self.finish("run budget")
+        if found or time.monotonic() - self._last_status > STATUS_EVERY_S:
+            self.write_status()
+
+
+def codec_limits(backend: str):
+    """The codec limits the engine decodes and mutates with on `backend`."""
+    from harness.fuzz.codec import LIMITS
+
+    return replace(LIMITS, **CPU_LIMITS) if backend == "cpu" else LIMITS
+
+
+def _libfuzzer_argv(config: FuzzConfig, run_dir: Path) -> list[str]:
+    argv = ["moe-harness-fuzz", f"-seed={config.seed}", "-reload=0", "-timeout=3600",
+            "-rss_limit_mb=16384", "-print_final_stats=1", f"-artifact_prefix={run_dir}/"]
+    if config.runs is not None:
+        argv.append(f"-runs={config.runs}")
+    if config.seconds is not None:
+        argv.append(f"-max_total_time={math.ceil(config.seconds) + 5}")
+    if config.max_len is not None:
+        argv.append(f"-max_len={config.max_len}")
+    return [*argv, *config.libfuzzer_args, str(config.corpus_dir)]
+
+
+def child_main(run_dir: str) -> None:
+    """Entry point of the fuzzing process (`fuzz` starts it): never returns."""
+    run = Path(run_dir)
+    obj = json.loads((run / "config.json").read_text())
+    config = FuzzConfig.from_json(obj)
+    import atheris
+
+    if config.python_coverage:
+        with atheris.instrument_imports(include=INSTRUMENTED, exclude=NOT_INSTRUMENTED):
+            import harness.api
+            import harness.backends.cpu
+            import harness.fuzz.codec
+            import harness.fuzz.features
+            import harness.fuzz.worker
+            import harness.invariants
+            import harness.oracle  # noqa: F401
+    child = _Child(config, obj["started_at"], run)
+    try:
+        child.open()
+    except HarnessError as exc:
+        child.finish("error", str(exc))
+    from harness.fuzz import mutators
+
+    # moe_mutators off: byte-level mutation only (libFuzzer's own, through atheris.Mutate)
+    mcfg = mutators.MutatorConfig(enabled=config.moe_mutators, libfuzzer_bytes=True,
+                                  limits=child.limits)
+
+    def custom_mutator(data: bytes, max_size: int, seed: int) -> bytes:
+        return mutators.mutate(data, max_size, seed, mcfg)
+
+    def custom_crossover(data1: bytes, data2: bytes, max_size: int, seed: int) -> bytes:
+        return mutators.crossover(data1, data2, max_size, seed, mcfg)
+
+    child.write_status()
+    atheris.Setup(_libfuzzer_argv(config, run), child.test_one_input,
+                  custom_mutator=custom_mutator, custom_crossover=custom_crossover)
+    # Setup swaps in libFuzzer's own _trace_branch: one taken before it counts nowhere
+    child.trace = atheris._trace_branch
+    atheris.Fuzz()
+    child.finish("run budget")  # not reached: libFuzzer exits the process

@@ -1,0 +1,170 @@
+"""The findings store: one directory per finding signature, the first reproducer and its
+minimised form as corpus JSON (`harness.corpus`), written atomically, reloaded on start.
+
+    <findings>/<stage>__<check>/<hash>.json            first reproducer (meta.extra.role
+                                                        "reproducer")
+    <findings>/<stage>__<check>/minimized/<hash>.json  the smallest case with the same signature
+
+Deduplication is by `Finding.signature`: a second input with a known signature is not stored.
+Metadata (`CaseMeta`): origin "fuzz", the signature, an expectation (backend, variants ->
+signature) and in `extra` the seconds and executions it took to find, the seed, the severity
+and the message. A killed run leaves only whole files (corpus writes are atomic); a new
+`FindingStore` on the same directory knows every signature found before.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from harness import corpus
+from harness.case import MoECase
+from harness.corpus import CaseMeta, Expectation
+from harness.errors import CorpusError
+from harness.findings import Finding
+
+MINIMIZED = "minimized"
+
+
+def signature_dir(signature: str) -> str:
+    """The directory name of a signature ("sort_align:no-poison" -> "sort_align__no-poison")."""
+    return signature.replace(":", "__", 1)
+
+
+@dataclass(frozen=True)
+class StoredFinding:
+    """One deduplicated finding as the store holds it (paths are None until written)."""
+
+    signature: str
+    severity: str
+    message: str
+    seconds: float | None
+    executions: int | None
+    path: Path
+    minimized: Path | None = None
+    #: found by an earlier run on the same directory (reloaded, not found in this one)
+    earlier: bool = False
+
+    def to_json(self) -> dict:
+        return {"signature": self.signature, "severity": self.severity, "message": self.message,
+                "seconds": self.seconds, "executions": self.executions, "path": str(self.path),
+                "minimized": None if self.minimized is None else str(self.minimized),
+                "earlier": self.earlier}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> StoredFinding:
+        return cls(obj["signature"], obj["severity"], obj["message"], obj["seconds"],
+                   obj["executions"], Path(obj["path"]),
+                   None if obj.get("minimized") is None else Path(obj["minimized"]),
+                   bool(obj.get("earlier", False)))
+
+
+def _number(v: object) -> float | None:
+    return float(v) if isinstance(v, int | float) and math.isfinite(v) else None
+
+
+class FindingStore:
+    """Findings of fuzz runs of one backend and variant set in `directory`, by signature.
+
+    `backend`, `bugs` and `seed` go into the metadata only: the store never interprets them.
+    """
+
+    def __init__(self, directory: str | Path, backend: str = "cpu",
+                 bugs: tuple[str, ...] | list[str] = (), seed: int | None = None) -> None:
+        self.directory = Path(directory)
+        self.backend = backend
+        self.bugs = tuple(sorted(set(bugs)))
+        self.seed = seed
+        self._found: dict[str, StoredFinding] = {}
+        self.reload()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """(Re)read every finding under the directory; unreadable files are skipped."""
+        self._found.clear()
+        if not self.directory.is_dir():
+            return
+        for sigdir in sorted(p for p in self.directory.iterdir() if p.is_dir()):
+            for path in sorted(sigdir.glob("*.json")):
+                try:
+                    _, meta = corpus.load(path)
+                except CorpusError:
+                    continue
+                if meta.origin != "fuzz" or meta.signature is None \
+                        or meta.signature in self._found:
+                    continue
+                extra = meta.extra
+                execs = extra.get("executions_to_find")
+                self._found[meta.signature] = StoredFinding(
+                    meta.signature, str(extra.get("severity", "legal")),
+                    str(extra.get("message", "")), _number(extra.get("seconds_to_find")),
+                    execs if isinstance(execs, int) and not isinstance(execs, bool) else None,
+                    path, self._minimized_path(sigdir), earlier=True)
+
+    @staticmethod
+    def _minimized_path(sigdir: Path) -> Path | None:
+        found = sorted((sigdir / MINIMIZED).glob("*.json"))
+        return found[0] if found else None
+
+    def __contains__(self, signature: str) -> bool:
+        return signature in self._found
+
+    def __len__(self) -> int:
+        return len(self._found)
+
+    def get(self, signature: str) -> StoredFinding | None:
+        return self._found.get(signature)
+
+    def findings(self) -> list[StoredFinding]:
+        """Every finding, earliest found first (reloaded ones keep their order on disk)."""
+        return list(self._found.values())
+
+    def load_case(self, signature: str, minimized: bool = False) -> MoECase:
+        """The stored reproducer (or its minimised form) of `signature`."""
+        f = self._found[signature]
+        path = f.minimized if minimized and f.minimized is not None else f.path
+        return corpus.load(path)[0]
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _meta(self, finding: Finding, role: str, **extra: object) -> CaseMeta:
+        return CaseMeta(
+            origin="fuzz", signature=finding.signature,
+            expect=(Expectation(self.backend, self.bugs, finding.signature),),
+            note=f"found by moe-harness fuzz ({role})",
+            extra={"role": role, "backend": self.backend, "variants": list(self.bugs),
+                   "seed": self.seed, "severity": finding.severity,
+                   "message": finding.message[:500], **extra})
+
+    def record(self, case: MoECase, finding: Finding, seconds: float,
+               executions: int) -> StoredFinding | None:
+        """Store `case` as the reproducer of `finding` if its signature is new; return the new
+        entry, or None for a known signature."""
+        if finding.signature in self._found:
+            return None
+        sigdir = self.directory / signature_dir(finding.signature)
+        meta = self._meta(finding, "reproducer", seconds_to_find=round(seconds, 3),
+                          executions_to_find=executions)
+        path = corpus.save(case, sigdir, meta)
+        stored = StoredFinding(finding.signature, finding.severity, finding.message, seconds,
+                               executions, path)
+        self._found[finding.signature] = stored
+        return stored
+
+    def record_minimized(self, signature: str, case: MoECase, runs: int,
+                         seconds: float) -> StoredFinding:
+        """Store the minimised reproducer of a known signature (replacing an earlier one)."""
+        old = self._found[signature]
+        sigdir = self.directory / signature_dir(signature)
+        finding = Finding(*signature.split(":", 1), old.message, old.severity)
+        meta = self._meta(finding, "minimized", minimized_from=old.path.stem,
+                          minimize_runs=runs, minimize_seconds=round(seconds, 3))
+        path = corpus.save(case, sigdir / MINIMIZED, meta)
+        for stale in (sigdir / MINIMIZED).glob("*.json"):
+            if stale != path:
+                stale.unlink(missing_ok=True)
+        new = replace(old, minimized=path)
+        self._found[signature] = new
+        return new

@@ -1,0 +1,78 @@
+"""Promoting a finding into the repository corpus, with the expectation it keeps there.
+
+A finding (a case file the fuzzer or a person wrote, `harness.fuzz.store`) becomes a
+regression (`corpus/regressions/`) or a seed (`corpus/seeds/`, legal cases only). In the
+corpus its metadata promises what the fixed chain must do from now on: clean, on every
+backend. Expectations under bug variants (the variant's finding) are kept, so the case also
+keeps proving that the variant is caught. Before writing, the case is replayed against the
+new expectations (`harness.replay`) on one backend, so nothing is promoted that fails on
+arrival.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness import corpus, replay
+from harness.corpus import CaseMeta, Expectation
+from harness.errors import HarnessError
+
+#: where each kind of promoted case goes, under the corpus root
+KINDS = {"regression": "regressions", "seed": "seeds"}
+
+
+class PromotionRefused(HarnessError):
+    """The promoted case does not meet its new expectations (the fixed chain still finds
+    something): promoting it would add a failing test. `report` holds the replay's report."""
+
+    def __init__(self, message: str, report: str) -> None:
+        self.report = report
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class Promoted:
+    path: Path
+    meta: CaseMeta
+    #: the replay's results on the verifying backend (empty when not verified)
+    results: tuple = ()
+
+
+def promoted_meta(meta: CaseMeta, kind: str, source: str) -> CaseMeta:
+    """`meta` with the fixed chain expected clean on every backend (replacing whatever the
+    finding recorded for it) and the variant expectations kept."""
+    expect = (Expectation(None, (), "clean"), *(e for e in meta.expect if e.bugs))
+    return dataclasses.replace(meta, expect=expect,
+                               extra={**meta.extra, "promoted_as": kind,
+                                      "promoted_from": source})
+
+
+def promote(finding: str | Path, kind: str = "regression", root: str | Path = "corpus",
+            verify: str | None = "cpu") -> Promoted:
+    """Write `finding` into `root`/regressions or `root`/seeds with its corpus expectation.
+
+    `verify`: the target ("cpu", "cuda", "module:attr") the case is replayed on first
+    (None: not replayed). Raises `CorpusError` for an unreadable file, `HarnessError` for a
+    seed that is not legal, `PromotionRefused` when the replay does not meet the expectation.
+    """
+    if kind not in KINDS:
+        raise HarnessError(f"--as {kind}: expected one of {', '.join(KINDS)}")
+    case, meta = corpus.load(finding)
+    if kind == "seed" and case.severity != "legal":
+        raise HarnessError(f"{finding}: a seed must be a legal case; this one is "
+                           f"{case.severity} ({', '.join(case.contract_violations()) or 'faults'})"
+                           "; promote it as a regression")
+    new = promoted_meta(meta, kind, Path(finding).name)
+    results: tuple = ()
+    if verify is not None:
+        target = replay.load_target(verify)
+        results = tuple(replay.run_checks(case, target,
+                                          replay.checks_for(new, replay.target_name(verify))))
+        if not all(r.ok for r in results):
+            report = replay.explain(str(finding), verify, case, results)
+            raise PromotionRefused(f"{finding} does not meet its corpus expectation on "
+                                   f"{verify}; not promoted", report)
+    path = corpus.save(case, Path(root) / KINDS[kind], new)
+    return Promoted(path, new, results)

@@ -1,0 +1,340 @@
+"""Replaying a corpus case against the expectations stored with it.
+
+A case file's metadata says what each backend reports with which bug variants on
+(`corpus.Expectation`: "clean" or a finding signature "stage:check"). Replaying checks them:
+by default every variant set the metadata names for the backend, plus the fixed chain, which is
+expected clean unless the metadata says otherwise (the corpus's standing promise); with an
+explicit variant set (`--moe-bug`), that set only. "clean" means no finding (a clean contract
+rejection is clean); a signature means that signature is among the findings.
+
+The pytest plugin and `moe-harness corpus` are thin over this module. A check can run in this
+process (`run_checks`) or in an isolated child (`run_check_isolated`, the function
+`harness.isolation` calls), where a crash or a hang fails that check only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shlex
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.errors import BackendUnavailable, HarnessError
+
+BUILTIN_BACKENDS = ("cpu", "cuda")
+#: details keys that index the offending entries; the keys after one are its columns
+INDEX_KEYS = ("rows", "slots", "positions", "adapters")
+CELL_WIDTH = 56
+
+
+@dataclass(frozen=True)
+class Check:
+    """One expectation to verify: with the variants `bugs` on, the run is `outcome`
+    ("clean" or a signature). `stored` is False for the implied "fixed chain is clean"."""
+
+    bugs: tuple[str, ...]
+    outcome: str
+    stored: bool = True
+
+    @property
+    def label(self) -> str:
+        return f"with bugs {'+'.join(self.bugs)}" if self.bugs else "on the fixed chain"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bugs": list(self.bugs), "outcome": self.outcome, "stored": self.stored}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Check:
+        return cls(tuple(obj["bugs"]), obj["outcome"], obj.get("stored", True))
+
+
+def checks_for(meta, backend: str, bugs: Iterable[str] | None = None) -> list[Check]:
+    """The checks a replay of a case with metadata `meta` (`corpus.CaseMeta`) on `backend`
+    makes: every variant set its expectations name for `backend` (or any backend) and the fixed
+    chain; with `bugs` given, that variant set only (empty: the case has no expectation for
+    it, except the fixed chain, which is clean by default)."""
+    if bugs is not None:
+        key = tuple(sorted(set(bugs)))
+        sets = [key]
+    else:
+        sets = sorted({e.bugs for e in meta.expect if e.backend in (None, backend)} | {()},
+                      key=lambda s: (len(s), s))
+    out = []
+    for s in sets:
+        outcome = meta.expected(backend, s)
+        if outcome is not None:
+            out.append(Check(s, outcome))
+        elif not s:
+            out.append(Check((), "clean", stored=False))
+    return out
+
+
+@dataclass
+class CheckResult:
+    """What one check's run gave: its findings (`Finding`), a clean rejection, or an `error`
+    (the isolated child crashed or timed out: `output` is the tail of what it printed)."""
+
+    check: Check
+    findings: list = field(default_factory=list)
+    rejected: str | None = None
+    error: str | None = None
+    output: str = ""
+    seconds: float = 0.0
+
+    @property
+    def signatures(self) -> list[str]:
+        return [f.signature for f in self.findings]
+
+    @property
+    def ok(self) -> bool:
+        if self.error is not None:
+            return False
+        if self.check.outcome == "clean":
+            return not self.findings
+        return self.check.outcome in self.signatures
+
+    def got(self) -> str:
+        """What the run gave, in a few words."""
+        if self.error is not None:
+            return self.error
+        if not self.findings:
+            return "clean" + (f" (rejected: {self.rejected})" if self.rejected else "")
+        return ", ".join(self.signatures)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"check": self.check.to_json(), "findings": [f.to_json() for f in self.findings],
+                "rejected": self.rejected, "error": self.error, "output": self.output,
+                "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> CheckResult:
+        from harness.findings import Finding
+
+        findings = [Finding(f["stage"], f["check"], f["message"], f["severity"], f["details"])
+                    for f in obj["findings"]]
+        return cls(Check.from_json(obj["check"]), findings, obj["rejected"], obj["error"],
+                   obj["output"], obj["seconds"])
+
+
+# -- targets -----------------------------------------------------------------------------------
+
+
+def resolve_target(spec: str) -> Any:
+    """The object a target spec names: "cpu" / "cuda" (returned as is) or "module:attr" (a
+    `Target` instance, a `Target` class or a factory returning one), imported."""
+    if spec in BUILTIN_BACKENDS:
+        return spec
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise BackendUnavailable(f"target '{spec}': expected cpu, cuda or module:attr")
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as exc:
+        raise BackendUnavailable(f"target '{spec}': cannot import {module}: {exc}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise BackendUnavailable(f"target '{spec}': {module} has no attribute {attr}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_target(spec: str):
+    """A ready `Target` for `spec` (see `resolve_target`)."""
+    from harness.backends import Target, get_target
+
+    obj = resolve_target(spec)
+    if isinstance(obj, str):
+        return get_target(obj)
+    if not isinstance(obj, Target):
+        obj = obj() if callable(obj) else obj
+    if not isinstance(obj, Target):
+        raise BackendUnavailable(f"target '{spec}' is a {type(obj).__name__}, not a "
+                                 "harness.backends.Target")
+    return obj
+
+
+def target_name(spec: str) -> str:
+    """The backend name expectations are looked up by: cpu, cuda, or the target's `name`."""
+    obj = resolve_target(spec)
+    return obj if isinstance(obj, str) else str(getattr(obj, "name", "target"))
+
+
+def wants_isolation(spec: str) -> bool:
+    """Whether a target asks to run in a child process (cuda always; a user target with a
+    true `isolate` attribute)."""
+    obj = resolve_target(spec)
+    return obj == "cuda" if isinstance(obj, str) else bool(getattr(obj, "isolate", False))
+
+
+# -- running -----------------------------------------------------------------------------------
+
+
+def run_check(case, target, check: Check) -> CheckResult:
+    """Run one check in this process (`execute` on `target` with the check's variants)."""
+    from harness.api import execute
+
+    start = time.perf_counter()
+    res = execute(case, target, check.bugs)
+    return CheckResult(check, list(res.findings),
+                       None if res.rejected is None else str(res.rejected),
+                       seconds=time.perf_counter() - start)
+
+
+def run_checks(case, target, checks: Sequence[Check]) -> list[CheckResult]:
+    return [run_check(case, target, c) for c in checks]
+
+
+_CHILD_TARGETS: dict[str, Any] = {}
+
+
+def prepare_target(target: str) -> None:
+    """The child's set-up (`harness.isolation.Isolated(setup=...)`): import torch and the
+    chain, build or load the target's kernels, before any check's time-out starts."""
+    import harness.api  # noqa: F401  (torch and the whole chain)
+
+    if target not in _CHILD_TARGETS:
+        _CHILD_TARGETS[target] = load_target(target)
+
+
+def run_check_isolated(path: str, target: str, check: dict[str, Any]) -> dict[str, Any]:
+    """The child side of an isolated check (`harness.isolation` calls it): load the case, run
+    it, and ask for a fresh process if the target is unusable afterwards (a sticky CUDA
+    error). Targets are kept between calls: kernels are loaded once per child."""
+    from harness import corpus, isolation
+
+    case, _ = corpus.load(path)
+    prepare_target(target)
+    tgt = _CHILD_TARGETS[target]
+    try:
+        result = run_check(case, tgt, Check.from_json(check))
+    finally:
+        try:
+            getattr(tgt, "check_usable", lambda: None)()
+        except HarnessError:
+            _CHILD_TARGETS.pop(target, None)
+            isolation.request_restart()
+    return result.to_json()
+
+
+def run_checks_in(runner, path: str, target: str, checks: Sequence[Check],
+                  timeout: float | None) -> list[CheckResult]:
+    """Run `checks` one call each through `runner` (`isolation.Isolated`), each within
+    `timeout` seconds (a child's start-up is not counted: it has its own); a crash or a
+    time-out fails that check, and the next one gets a fresh child."""
+    from harness.errors import IsolationError
+
+    out = []
+    for check in checks:
+        start = time.perf_counter()
+        try:
+            out.append(CheckResult.from_json(runner.call(
+                "harness.replay:run_check_isolated",
+                {"path": path, "target": target, "check": check.to_json()}, timeout=timeout)))
+        except IsolationError as exc:
+            out.append(CheckResult(check, error=str(exc), output=exc.output,
+                                   seconds=time.perf_counter() - start))
+    return out
+
+
+# -- reporting ---------------------------------------------------------------------------------
+
+
+def reproduce_command(path: str, target: str, bugs: Sequence[str]) -> str:
+    """The shell command that replays one check by hand."""
+    if target in BUILTIN_BACKENDS:
+        words = ["moe-harness", "run", path, "--backend", target]
+        for b in bugs:
+            words += ["--bug", b]
+    else:
+        words = ["pytest", path, "--moe-target", target]
+        for b in bugs:
+            words += ["--moe-bug", b]
+    return shlex.join(words)
+
+
+def describe_case(case) -> str:
+    """One line: the case's configuration."""
+    parts = [f"T={case.num_tokens}", f"E={case.num_experts}", f"K={case.topk}", case.scoring,
+             case.dtype, f"H={case.hidden_size}", f"block={case.block_size}"]
+    if case.ep_size > 1:
+        parts.append(f"ep={case.ep_size} max_tokens_per_rank={case.recv_slots}")
+    if case.max_loras:
+        parts.append(f"max_loras={case.max_loras}")
+    for name in ("patches", "faults"):
+        if getattr(case, name):
+            parts.append(f"{len(getattr(case, name))} {name}")
+    overridden = list(case.overrides.fields())
+    if overridden:
+        parts.append(f"overrides {','.join(overridden)}")
+    return " ".join(parts) + f" ({case.severity})"
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        text = f"{v:.6g}"
+    elif isinstance(v, list):
+        text = "[" + ", ".join(_cell(x) for x in v) + "]"
+    else:
+        text = str(v)
+    return text if len(text) <= CELL_WIDTH else text[:CELL_WIDTH - 1] + "…"
+
+
+def format_details(details: dict[str, Any]) -> list[str]:
+    """A finding's details as tables: each index key ("rows", "slots", ...) with the
+    same-length lists that follow it as columns, side by side (ids | oracle_ids), then the
+    other entries as `key = value`."""
+    groups: list[tuple[str, list, list[tuple[str, list]]]] = []
+    scalars: list[tuple[str, Any]] = []
+    for key, value in details.items():
+        if key in INDEX_KEYS and isinstance(value, list):
+            groups.append((key, value, []))
+        elif (groups and isinstance(value, list) and len(value) == len(groups[-1][1])):
+            groups[-1][2].append((key, value))
+        else:
+            scalars.append((key, value))
+    lines: list[str] = []
+    for key, index, columns in groups:
+        if not index:
+            lines.append(f"{key}: none" + "".join(f", {k}: none" for k, _ in columns))
+            continue
+        table = [[key] + [k for k, _ in columns]]
+        table += [[_cell(index[i])] + [_cell(v[i]) for _, v in columns]
+                  for i in range(len(index))]
+        widths = [max(len(row[c]) for row in table) for c in range(len(table[0]))]
+        for n, row in enumerate(table):
+            lines.append(" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+                         .rstrip())
+            if n == 0:
+                lines.append("-+-".join("-" * w for w in widths))
+    lines += [f"{k} = {_cell(v)}" for k, v in scalars]
+    return lines
+
+
+def _finding_lines(f) -> list[str]:
+    head = [f"{f.signature} [{f.severity}]",
+            f"  stage {f.stage}, invariant {f.check}: {f.message}"]
+    return head + ["    " + line for line in format_details(f.details)]
+
+
+def explain(path: str, target: str, case, results: Sequence[CheckResult]) -> str:
+    """The failure message of a replay: what was expected and what came instead, with every
+    finding's offending entries beside the oracle's, and the commands to reproduce."""
+    failed = [r for r in results if not r.ok]
+    lines = [f"{path}: {len(failed)} of {len(results)} expectation(s) not met on {target}"]
+    if case is not None:
+        lines.append(f"case: {describe_case(case)}")
+    for r in results:
+        if r.ok:
+            lines.append(f"  ok   {r.check.label}: {r.check.outcome}")
+    for r in failed:
+        expected = r.check.outcome + ("" if r.check.stored else " (the default)")
+        lines += ["", f"FAIL {r.check.label}: expected {expected}, got {r.got()}"]
+        for f in r.findings:
+            lines += ["  " + line for line in _finding_lines(f)]
+        if r.output.strip():
+            lines += ["  child output (tail):"] + ["    " + x for x in r.output.splitlines()]
+    lines += ["", "reproduce:"]
+    lines += [f"  {reproduce_command(path, target, r.check.bugs)}" for r in failed]
+    return "\n".join(lines)

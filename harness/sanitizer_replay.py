@@ -1,0 +1,191 @@
+"""The replay process `harness.sanitizer` runs (under compute-sanitizer, or bare): many cases,
+one process, launch markers on stdout.
+
+`python -m harness.sanitizer_replay MANIFEST.json`, where the manifest (written by
+`harness.sanitizer`) names the cases (index, path), the backend, the bug variants and whether
+the cuda backend's redzones and poison are on. Before each case and around each stage the
+process prints one marker line, `@@moe-harness {json}`, flushed, so the parent can tell which
+case and stage were running when compute-sanitizer printed a record; each stage is also an
+NVTX range "moe-harness:<case>:<stage>" (seen by Nsight tools). And case i runs inside a
+Python function named `moe_harness_case_<i>`: compute-sanitizer's host backtraces include
+Python frames by name, so every record names its case even where its text is not interleaved
+with the markers. Exit codes: 0 every case ran, 3 the CUDA context was lost (the parent
+restarts after that case), 4 the backend cannot run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from harness.backends.target import Target
+from harness.sanitizer_report import CASE_FRAME_PREFIX
+
+MARKER = "@@moe-harness "
+EXIT_CONTEXT_LOST = 3
+EXIT_UNAVAILABLE = 4
+_STAGE_METHODS = ("gating", "dispatch", "sort_align", "experts", "finalize", "combine",
+                  "lora_align")
+
+
+def emit(event: str, **fields: Any) -> None:
+    """One marker line on stdout, flushed before anything else happens."""
+    sys.stdout.write(MARKER + json.dumps({"ev": event, "t": time.time(), **fields}) + "\n")
+    sys.stdout.flush()
+
+
+class _Nvtx:
+    """NVTX ranges where torch has them (a CUDA build); nothing elsewhere."""
+
+    def __init__(self) -> None:
+        self.on = True
+
+    def push(self, name: str) -> None:
+        if self.on:
+            try:
+                import torch
+
+                torch.cuda.nvtx.range_push(name)
+            except Exception:  # a CPU build of torch has no NVTX: markers alone
+                self.on = False
+
+    def pop(self) -> None:
+        if self.on:
+            try:
+                import torch
+
+                torch.cuda.nvtx.range_pop()
+            except Exception:
+                self.on = False
+
+
+class MarkedTarget(Target):
+    """`inner` with a marker (and an NVTX range) around every stage it runs."""
+
+    def __init__(self, inner: Target, marker: Callable[..., None] = emit) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.limits = inner.limits
+        self.case = -1
+        self.marker = marker
+        self.nvtx = _Nvtx()
+
+    def _stage(self, stage: str, inp, ctx):
+        self.marker("stage", i=self.case, stage=stage)
+        self.nvtx.push(f"moe-harness:{self.case}:{stage}")
+        try:
+            return getattr(self.inner, stage)(inp, ctx)
+        finally:
+            self.nvtx.pop()
+            self.marker("stage-end", i=self.case, stage=stage)
+
+    def gating(self, inp, ctx):
+        return self._stage("gating", inp, ctx)
+
+    def dispatch(self, inp, ctx):
+        return self._stage("dispatch", inp, ctx)
+
+    def sort_align(self, inp, ctx):
+        return self._stage("sort_align", inp, ctx)
+
+    def experts(self, inp, ctx):
+        return self._stage("experts", inp, ctx)
+
+    def finalize(self, inp, ctx):
+        return self._stage("finalize", inp, ctx)
+
+    def combine(self, inp, ctx):
+        return self._stage("combine", inp, ctx)
+
+    def lora_align(self, inp, ctx):
+        return self._stage("lora_align", inp, ctx)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _run_case(case, target, bugs):
+    from harness.api import execute
+
+    return execute(case, target, bugs)
+
+
+def case_runner(i: int) -> Callable:
+    """`execute` inside a frame whose code is named moe_harness_case_<i> (see the module doc)."""
+    name = f"{CASE_FRAME_PREFIX}{i}"
+    code = _run_case.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, _run_case.__globals__, name)
+
+
+def make_target(backend: str, checks: bool) -> Target:
+    """The backend to replay on; the cuda one without redzones and poison if `checks` is off."""
+    if backend == "cuda":
+        try:
+            from harness.backends.cuda import CudaTarget
+        except ImportError as exc:
+            from harness.errors import BackendUnavailable
+
+            raise BackendUnavailable(f"the cuda backend is not available: {exc}") from None
+        return CudaTarget(coverage=False, checks=checks)
+    from harness.backends import get_target
+
+    return get_target(backend)
+
+
+def replay(manifest: dict[str, Any]) -> int:
+    """Run the manifest's cases in order, with markers; the exit code (see the module doc)."""
+    from harness import corpus
+    from harness.bugs import BugSet
+    from harness.errors import BackendUnavailable, HarnessError
+
+    emit("start", pid=os.getpid())
+    try:
+        bugs = BugSet.of(manifest.get("bugs", []))
+        inner = make_target(manifest.get("backend", "cuda"), bool(manifest.get("checks", True)))
+    except HarnessError as exc:
+        emit("unavailable", message=str(exc))
+        return EXIT_UNAVAILABLE
+    target = MarkedTarget(inner)
+    for entry in manifest["cases"]:
+        i = int(entry["index"])
+        target.case = i
+        emit("case", i=i, path=entry["path"])
+        start = time.perf_counter()
+        try:
+            case, _ = corpus.load(entry["path"])
+            result = case_runner(i)(case, target, bugs)
+        except HarnessError as exc:
+            emit("case-error", i=i, message=str(exc))
+            continue
+        emit("case-end", i=i, seconds=time.perf_counter() - start,
+             findings=[f.to_json() for f in result.findings],
+             rejected=None if result.rejected is None else str(result.rejected))
+        check = getattr(inner, "check_usable", None)
+        if check is not None:
+            try:
+                check()
+            except BackendUnavailable as exc:
+                emit("context-lost", i=i, message=str(exc))
+                sys.stderr.flush()
+                # skip interpreter teardown: it would call into the dead context again
+                os._exit(EXIT_CONTEXT_LOST)
+    emit("done")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m harness.sanitizer_replay MANIFEST.json", file=sys.stderr)
+        return 2
+    return replay(json.loads(Path(args[0]).read_text(encoding="utf-8")))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

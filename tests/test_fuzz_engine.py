@@ -1,0 +1,81 @@
+"""The fuzz engine end to end on the cpu backend: finds a planted variant from an empty corpus,
+stays silent on the fixed chain, resumes from its directories, repeats a run from its seed."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness import corpus
+from harness.bugs import VARIANTS
+from harness.errors import ConfigError, UnknownVariant
+from harness.fuzz.engine import FuzzConfig, fuzz
+
+#: a variant the fuzzer reaches in a few dozen executions (every LoRA slot active)
+EASY = "lora-grid-off-by-one"
+RUNS = 150
+
+
+def _config(tmp_path, **kw) -> FuzzConfig:
+    kw = {"seconds": None, "runs": RUNS, "seed": 2, "findings_dir": tmp_path / "findings",
+          "minimize": False} | kw
+    return FuzzConfig(**kw)
+
+
+def test_finds_a_planted_variant_from_an_empty_corpus(tmp_path):
+    seen = []
+    report = fuzz(_config(tmp_path, bugs=(EASY,), stop_on_first=True, minimize=True),
+                  seen.append)
+    assert seen and report.status.reason == "first finding"
+    assert report.findings  # one input may violate several checks at once
+    for f in report.findings:
+        assert f.signature in VARIANTS[EASY].signatures and not f.earlier
+        assert f.executions == report.findings[0].executions
+    f = report.findings[0]
+    assert 0 < f.executions <= RUNS and f.seconds > 0
+    case, meta = corpus.load(f.path)
+    assert meta.signature == f.signature and meta.extra["executions_to_find"] == f.executions
+    assert f.minimized is not None  # minimised after the child stopped
+    small, _ = corpus.load(f.minimized)
+    assert small.num_tokens <= case.num_tokens
+    from harness.api import execute
+
+    assert f.signature in {x.signature for x in execute(small, "cpu", (EASY,)).findings}
+
+
+def test_fixed_chain_short_run_has_no_findings(tmp_path):
+    report = fuzz(_config(tmp_path, runs=RUNS, seed=3))
+    s = report.status
+    assert report.findings == [] and s.executions >= RUNS - 5
+    assert s.coverage > 0 and s.semantic > 0 and s.corpus_size > 0
+    assert s.decode_errors == 0 and s.invalid == 0
+
+
+def test_same_seed_same_run_and_a_rerun_resumes(tmp_path):
+    a = fuzz(_config(tmp_path / "a", bugs=(EASY,), runs=80))
+    b = fuzz(_config(tmp_path / "b", bugs=(EASY,), runs=80))
+    files_a = sorted(p.name for p in a.config.corpus_dir.iterdir())
+    files_b = sorted(p.name for p in b.config.corpus_dir.iterdir())
+    assert files_a == files_b and files_a
+    assert [(f.signature, f.executions) for f in a.findings] == \
+        [(f.signature, f.executions) for f in b.findings]
+
+    again = fuzz(_config(tmp_path / "a", bugs=(EASY,), runs=len(files_a) + 5, seed=9))
+    log = again.log.read_text()
+    assert f"{len(files_a)} files found" in log  # libFuzzer loaded the corpus
+    earlier = {f.signature for f in a.findings}
+    assert {f.signature for f in again.findings if f.earlier} == earlier
+    assert not {f.signature for f in again.new_findings} & earlier  # not found twice
+
+
+def test_bad_configurations():
+    with pytest.raises(ConfigError, match="not both"):
+        FuzzConfig(seconds=5, runs=5).resolved()
+    with pytest.raises(ConfigError, match="seed"):
+        FuzzConfig(seed=0).resolved()
+    with pytest.raises(ConfigError, match="graph"):
+        FuzzConfig(graph=True).resolved()
+    with pytest.raises(UnknownVariant):
+        FuzzConfig(bugs=("no-such-bug",)).resolved()
+    resolved = FuzzConfig().resolved()
+    assert resolved.seed is not None and resolved.corpus_dir == resolved.findings_dir / "corpus"
+    assert FuzzConfig.from_json(resolved.to_json()) == resolved

@@ -1,0 +1,68 @@
+"""The findings store: one reproducer per signature, metadata, atomic files, reload."""
+
+from __future__ import annotations
+
+from harness import corpus
+from harness.case import MoECase, Patch
+from harness.findings import Finding
+from harness.fuzz.store import FindingStore, signature_dir
+
+CASE = MoECase(8, 8, 2, seed=3, patches=(Patch("gating_logits", "row", "nan", row=1),))
+OTHER = MoECase(16, 8, 2, seed=4)
+UNIQUE = Finding("gating", "unique-ids", "duplicate ids in a row", "legal", {"rows": [1]})
+POISON = Finding("sort_align", "no-poison", "poison in sorted_token_ids")
+
+
+def test_first_reproducer_is_stored_with_metadata(tmp_path):
+    store = FindingStore(tmp_path, "cpu", ["topk-nan-argmax"], seed=7)
+    stored = store.record(CASE, UNIQUE, seconds=1.5, executions=42)
+    assert stored is not None and stored.path.parent == tmp_path / "gating__unique-ids"
+    case, meta = corpus.load(stored.path)
+    assert corpus.content_hash(case) == corpus.content_hash(CASE)
+    assert meta.origin == "fuzz" and meta.signature == "gating:unique-ids"
+    assert meta.expected("cpu", ["topk-nan-argmax"]) == "gating:unique-ids"
+    extra = meta.extra
+    assert (extra["seconds_to_find"], extra["executions_to_find"], extra["seed"]) == (1.5, 42, 7)
+    assert extra["variants"] == ["topk-nan-argmax"] and extra["role"] == "reproducer"
+
+
+def test_dedup_by_signature(tmp_path):
+    store = FindingStore(tmp_path)
+    assert store.record(CASE, UNIQUE, 1.0, 10) is not None
+    assert store.record(OTHER, UNIQUE, 2.0, 20) is None  # same signature, other case
+    assert store.record(CASE, POISON, 1.0, 10) is not None  # same case, other signature
+    assert [f.signature for f in store.findings()] == ["gating:unique-ids", "sort_align:no-poison"]
+    assert len(list((tmp_path / signature_dir(UNIQUE.signature)).glob("*.json"))) == 1
+
+
+def test_reload_knows_earlier_findings(tmp_path):
+    FindingStore(tmp_path, seed=1).record(CASE, UNIQUE, 3.25, 99)
+    (tmp_path / "corpus").mkdir()  # libFuzzer's byte corpus beside the findings is ignored
+    (tmp_path / "corpus" / "0a1b").write_bytes(b"\x01\x02")
+    (tmp_path / "gating__unique-ids" / "broken.json").write_text("{not json")
+    again = FindingStore(tmp_path)
+    assert UNIQUE.signature in again and len(again) == 1
+    f = again.get(UNIQUE.signature)
+    assert f.earlier and (f.seconds, f.executions) == (3.25, 99)
+    assert again.record(OTHER, UNIQUE, 1.0, 1) is None
+
+
+def test_minimized_form_replaces_the_previous_one(tmp_path):
+    store = FindingStore(tmp_path)
+    store.record(CASE, UNIQUE, 1.0, 1)
+    first = store.record_minimized(UNIQUE.signature, OTHER, runs=5, seconds=0.1)
+    smaller = MoECase(2, 8, 2)
+    second = store.record_minimized(UNIQUE.signature, smaller, runs=9, seconds=0.2)
+    assert not first.minimized.exists() and second.minimized.exists()
+    case, meta = corpus.load(second.minimized)
+    assert case.num_tokens == 2 and meta.extra["role"] == "minimized"
+    assert meta.extra["minimized_from"] == second.path.stem
+    reloaded = FindingStore(tmp_path).get(UNIQUE.signature)
+    assert reloaded.minimized == second.minimized and reloaded.path == second.path
+    assert corpus.content_hash(FindingStore(tmp_path).load_case(UNIQUE.signature, True)) == \
+        corpus.content_hash(smaller)
+
+
+def test_status_json_round_trip(tmp_path):
+    stored = FindingStore(tmp_path).record(CASE, UNIQUE, 1.0, 1)
+    assert type(stored).from_json(stored.to_json()) == stored

@@ -1,0 +1,343 @@
+"""harness.sanitizer: command construction, the replay process's markers, mapping reports to
+case and stage, crash isolation, time-outs, unavailability, the replay and triage CLI.
+
+CPU tests drive the real replay process (cpu backend) under a stand-in compute-sanitizer
+(tests/sanitizer_fake.py) that prints records at chosen (case, stage) points. GPU tests (marked
+`gpu`) run the real tool on the bundled kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import corpus
+from harness.case import MoECase
+from harness.cli import main
+from harness.corpus import CaseMeta, Expectation
+from harness.errors import HarnessError, SanitizerUnavailable, UnknownVariant
+from harness.sanitizer import (
+    CHILD_ENV,
+    SanitizerConfig,
+    build_command,
+    child_env,
+    find_sanitizer,
+    replay_under_sanitizer,
+    sanitize_in_background,
+)
+
+FAKE = Path(__file__).with_name("sanitizer_fake.py")
+
+
+@pytest.fixture
+def fake_sanitizer(tmp_path, monkeypatch):
+    """A `compute-sanitizer` on PATH that runs tests/sanitizer_fake.py."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    exe = bindir / "compute-sanitizer"
+    exe.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE}" "$@"\n')
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    for var in ("FAKE_MODE", "FAKE_CASE", "FAKE_ERROR_AT", "FAKE_ONLY_WITH_BUGS"):
+        monkeypatch.delenv(var, raising=False)
+    return exe
+
+
+@pytest.fixture
+def three_cases(tmp_path):
+    """Three small cases on disk, in replay order."""
+    d = tmp_path / "cases"
+    return [corpus.save(MoECase(8 + 4 * i, 8, 2, seed=i), d) for i in range(3)]
+
+
+def test_command_has_tool_xml_save_and_the_replay(fake_sanitizer, tmp_path):
+    cfg = SanitizerConfig(tool="initcheck", extra_args=("--racecheck-report", "all"))
+    argv = build_command(cfg, tmp_path / "m.json", tmp_path / "out.xml")
+    assert argv[0] == str(fake_sanitizer)
+    assert argv[argv.index("--tool") + 1] == "initcheck"
+    assert "--xml" in argv and argv[argv.index("--xml") + 1] == "--save"  # a flag in 2025.x
+    assert argv[argv.index("--save") + 1] == str(tmp_path / "out.xml")
+    assert argv[-3:] == ["-m", "harness.sanitizer_replay", str(tmp_path / "m.json")]
+    assert argv.index("--racecheck-report") < argv.index("-m")
+    assert argv[argv.index("--check-exit-code") + 1] == "no"  # exit 3 is protocol
+    assert build_command(None, tmp_path / "m.json", None)[1:] == [
+        "-m", "harness.sanitizer_replay", str(tmp_path / "m.json")]
+
+
+def test_child_env_disables_the_caching_allocator(monkeypatch):
+    monkeypatch.setenv("PYTORCH_NO_CUDA_MEMORY_CACHING", "0")
+    env = child_env()
+    assert env["PYTORCH_NO_CUDA_MEMORY_CACHING"] == "1" == CHILD_ENV[
+        "PYTORCH_NO_CUDA_MEMORY_CACHING"]
+    assert str(Path(__file__).resolve().parents[1]) in env["PYTHONPATH"].split(os.pathsep)
+
+
+def test_missing_sanitizer_is_one_clear_error(tmp_path, monkeypatch, three_cases):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setattr("harness.sanitizer._DEFAULT_ROOTS", ())
+    with pytest.raises(SanitizerUnavailable, match=r"compute-sanitizer not found.*CUDA_HOME"):
+        find_sanitizer()
+    with pytest.raises(SanitizerUnavailable, match="not found"):
+        replay_under_sanitizer(three_cases, "memcheck",
+                               config=SanitizerConfig(executable=str(tmp_path / "nope")))
+
+
+def test_found_under_cuda_home(tmp_path, monkeypatch):
+    exe = tmp_path / "cuda" / "bin" / "compute-sanitizer"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
+    assert find_sanitizer() == str(exe)
+
+
+def test_unknown_tool_and_variant_fail_before_running(fake_sanitizer, three_cases):
+    with pytest.raises(SanitizerUnavailable, match="unknown compute-sanitizer tool 'leakcheck'"):
+        replay_under_sanitizer(three_cases, "leakcheck")
+    with pytest.raises(UnknownVariant):
+        replay_under_sanitizer(three_cases, "memcheck", bugs=["no-such-bug"])
+    with pytest.raises(HarnessError, match="no such case"):
+        replay_under_sanitizer([three_cases[0].parent / "missing.json"], "memcheck")
+
+
+def test_unsupported_device_is_one_clear_error(fake_sanitizer, three_cases, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "unsupported")
+    with pytest.raises(SanitizerUnavailable, match="Device not supported"):
+        replay_under_sanitizer(three_cases, "memcheck", backend="cpu")
+
+
+def test_reports_map_to_case_and_stage(fake_sanitizer, three_cases, monkeypatch):
+    """Records printed while case 1's sort_align and case 2's gating and dispatch ran land
+    there; a torch kernel (not in the kernel table) takes the stage from the markers, a kernel
+    of ours keeps the table's stage (case 0's record names finalize's kernel). A `MoECase` is
+    replayed like a file."""
+    monkeypatch.setenv("FAKE_ERROR_AT", "0:combine,1:sort_align,2:gating,2:dispatch")
+    monkeypatch.setenv("FAKE_KERNEL_COMBINE", "finalize_unpermute_reduce(const float *)")
+    run = replay_under_sanitizer([*three_cases[:2], MoECase(16, 8, 2, seed=2)], "memcheck",
+                                 backend="cpu")
+    assert run.processes == 1 and not run.truncated and not run.problems
+    placed = [(r.case, r.stage, r.kernel, r.mapped_by) for r in run.reports]
+    assert placed == [(0, "finalize", "finalize_unpermute_reduce", "markers"),
+                      (1, "sort_align", "sort_merge", "markers"),
+                      (2, "gating", "topk_gating_warp", "markers"),
+                      (2, "dispatch", "index_elementwise_kernel", "markers")]
+    assert [len(c.reports) for c in run.cases] == [1, 1, 2]
+    assert [c.status for c in run.cases] == ["clean"] * 3
+    rep = run.cases[1].reports[0]
+    assert (rep.kind, rep.access_size, rep.block, rep.thread) == (
+        "invalid-global-write-out-of-bounds", 4, (1, 0, 0), (3, 0, 0))
+    assert rep.signature == "memcheck:invalid-global-write-out-of-bounds:sort_merge@sort_align"
+    assert (rep.nearest.distance, rep.nearest.side, rep.nearest.size) == (4, "after", 1024)
+    assert run.bad and all(c.bad for c in run.cases)
+
+
+def test_truncated_xml_from_the_background(fake_sanitizer, three_cases, monkeypatch):
+    """The fuzzer's entry point: a Future of the run; a cut XML file keeps its complete
+    records and the run says it was cut."""
+    monkeypatch.setenv("FAKE_MODE", "truncate")
+    monkeypatch.setenv("FAKE_ERROR_AT", "0:gating,1:gating")
+    fut = sanitize_in_background(three_cases[:2], "memcheck", backend="cpu")
+    run = fut.result(timeout=300)
+    assert run.truncated and any("cut short" in p for p in run.problems)
+    assert [(r.case, r.stage) for r in run.reports] == [(0, "gating")]
+
+
+def test_crash_and_hang_are_isolated_and_the_rest_run(fake_sanitizer, three_cases, tmp_path,
+                                                      monkeypatch):
+    """Case 1 crashes its process, case 2 hangs past the time-out: each costs its own case;
+    a new process runs what is left."""
+    cases = [*three_cases, corpus.save(MoECase(8, 4, 1, seed=7), tmp_path / "more")]
+    monkeypatch.setenv("FAKE_KILL_CASE", "1")
+    monkeypatch.setenv("FAKE_HANG_CASE", "2")
+    run = replay_under_sanitizer(cases, "memcheck", backend="cpu",
+                                 config=SanitizerConfig(case_timeout_s=1.5))
+    assert [c.status for c in run.cases] == ["clean", "crashed", "timeout", "clean"]
+    assert run.processes == 3
+    assert "died" in run.cases[1].message and "hang" in run.cases[2].message
+    assert run.bad and not run.cases[3].bad
+
+
+def test_startup_hang_times_out_every_case(fake_sanitizer, three_cases, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "hang-startup")
+    cfg = SanitizerConfig(startup_timeout_s=0.5)
+    run = replay_under_sanitizer(three_cases, "memcheck", backend="cpu", config=cfg)
+    assert [c.status for c in run.cases] == ["timeout"] * 3 and run.processes == 1
+
+
+def test_cuda_target_without_checks_allocates_bare_buffers():
+    """checks=False (sanitizer-only runs): outputs are plain allocations (no guard bands, no
+    poison, nothing checked after the launch), inputs plain device copies."""
+    from harness.backends.cuda import CudaTarget, _Launch
+    from harness.chain import StageContext
+
+    class Ext:
+        def coverage_slot_names(self) -> list[str]:
+            return []
+
+    bare = _Launch(CudaTarget("cpu", coverage=False, ext=Ext(), checks=False), "gating",
+                   StageContext())
+    out = bare.output("topk_ids", (3, 4), torch.int32)
+    assert out.shape == (3, 4) and out.untyped_storage().nbytes() == 48 and not bare.buffers
+    src = torch.arange(5, dtype=torch.int32)
+    copy = bare.input("lora_ids", src)
+    assert torch.equal(copy, src) and copy.data_ptr() != src.data_ptr()
+    guarded = _Launch(CudaTarget("cpu", coverage=False, ext=Ext()), "gating", StageContext())
+    assert guarded.output("topk_ids", (3, 4), torch.int32).untyped_storage().nbytes() > 48
+
+
+def test_cli_replay_exit_codes(tmp_path, capsys):
+    from harness.case import Patch
+
+    clean = corpus.save(MoECase(16, 8, 2, seed=1), tmp_path / "c")
+    nan = corpus.save(MoECase(8, 8, 2, patches=(Patch("gating_logits", "row", "nan", row=3),)),
+                      tmp_path / "c")
+    assert main(["replay", str(tmp_path / "c"), "--bug", "topk-nan-argmax"]) == 1
+    text = capsys.readouterr().out
+    assert "gating:unique-ids" in text and f"{clean}: clean" in text and str(nan) in text
+    assert main(["replay", str(tmp_path / "nothing")]) == 2
+    assert "no such case" in capsys.readouterr().err
+
+
+def test_cli_triage_groups_and_attaches(fake_sanitizer, tmp_path, capsys, monkeypatch):
+    """Two findings with one root cause, one with none (another variant set: another
+    process); the reports go into the metadata, which keeps what it had."""
+    d = tmp_path / "findings"
+    meta = CaseMeta(origin="fuzz", signature="gating:unique-ids",
+                    expect=(Expectation("cpu", ("topk-nan-argmax",), "gating:unique-ids"),))
+    paths = [corpus.save(MoECase(8 + i, 8, 2, seed=i), d / "gating__unique-ids", meta)
+             for i in range(2)]
+    other = corpus.save(MoECase(32, 8, 2, seed=9), d / "other",
+                        CaseMeta(origin="fuzz", signature="sort_align:no-poison"))
+    # records in the gating stage of cases 0 and 1 of the replay with topk-nan-argmax on
+    monkeypatch.setenv("FAKE_ERROR_AT", "0:gating,1:gating")
+    monkeypatch.setenv("FAKE_ONLY_WITH_BUGS", "1")
+    monkeypatch.setattr("harness.triage.BASE_TOOLS", ("memcheck",))  # one process per set
+    assert main(["triage", str(d), "--backend", "cpu"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    assert len(lines) == 2, lines
+    assert lines[0].split()[0] == "2" and "memcheck:invalid-global-write-out-of-bounds:" \
+        "topk_gating_warp@gating" in lines[0] and "[gating:unique-ids]" in lines[0]
+    assert lines[1].split()[0] == "1" and "no sanitizer error (sort_align:no-poison)" in lines[1]
+    _, m = corpus.load(paths[0])
+    assert m.extra["sanitizer"]["memcheck"]["errors"] == 1
+    assert m.extra["sanitizer"]["memcheck"]["reports"][0]["kernel"] == "topk_gating_warp"
+    assert m.signature == "gating:unique-ids" and m.expect == meta.expect
+    _, m_other = corpus.load(other)
+    assert m_other.extra["sanitizer"]["memcheck"] == {"status": "clean", "errors": 0,
+                                                      "reports": []}
+
+
+def test_cli_triage_empty_dir_is_bad_input(tmp_path, capsys):
+    assert main(["triage", str(tmp_path)]) == 2
+    assert "no finding files" in capsys.readouterr().err
+
+
+# -- GPU: the real tool on the bundled kernels ---------------------------------------------------
+
+gpu = pytest.mark.gpu
+REPO = Path(__file__).resolve().parents[1]
+#: variants whose effect is a memory error, and the stages a sanitizer report must name
+MEMORY_VARIANTS = {
+    ("a2a-unsanitized-padding",): {"dispatch", "sort_align", "experts", "finalize"},
+    ("sort-duplicate-break",): {"sort_align", "finalize"},
+    ("lora-grid-off-by-one",): {"lora_align"},
+    ("lora-id-unchecked",): {"lora_align"},
+    ("lora-disabled-adapter",): {"lora_align"},
+    ("sort-duplicate-break", "topk-nan-argmax"): {"sort_align", "finalize"},
+}
+
+
+def _trigger_cases(bugs: tuple[str, ...], tmp_path: Path) -> list[Path]:
+    """corpus/bugs/<variant>[+<variant>]/ for exactly this variant set where present, else
+    every demo case (the harness does not know which case triggers which variant)."""
+    found = [p for d in sorted((REPO / "corpus" / "bugs").glob("*"))
+             if d.is_dir() and set(d.name.split("+")) == set(bugs)
+             for p in corpus.iter_corpus(d)]
+    if found:
+        return found
+    from harness.demo import demo_cases
+
+    return [corpus.save(c, tmp_path / "demo") for name, c in demo_cases().items()
+            if name != "huge-token-count"]
+
+
+def _sanitizer_here() -> bool:
+    try:
+        find_sanitizer()
+    except SanitizerUnavailable:
+        return False
+    return torch.cuda.is_available()
+
+
+needs_sanitizer = pytest.mark.skipif(not _sanitizer_here(),
+                                     reason="needs compute-sanitizer and a GPU")
+
+
+def _error_signatures(run) -> set[str]:
+    return {r.signature for r in run.reports if r.level == "error"}
+
+
+@gpu
+@needs_sanitizer
+@pytest.mark.slow
+@pytest.mark.parametrize("bugs", sorted(MEMORY_VARIANTS), ids="+".join)
+def test_memory_variant_caught_by_the_sanitizer_alone(bugs, tmp_path):
+    """Redzones and poison off: memcheck or initcheck reports, on the variant's trigger cases,
+    an error the fixed chain does not have on the same cases, in an expected stage."""
+    cases = _trigger_cases(bugs, tmp_path)
+    new: set[tuple[str | None, str]] = set()
+    for tool in ("memcheck", "initcheck"):
+        fixed = _error_signatures(replay_under_sanitizer(cases, tool, redzones=False))
+        run = replay_under_sanitizer(cases, tool, bugs=bugs, redzones=False)
+        new |= {(r.stage, r.signature) for r in run.reports
+                if r.level == "error" and r.signature not in fixed}
+    assert {stage for stage, _ in new} & MEMORY_VARIANTS[bugs], (bugs, sorted(new, key=str))
+
+
+@gpu
+@needs_sanitizer
+@pytest.mark.slow
+@pytest.mark.parametrize("tool,redzones", [("memcheck", False), ("racecheck", False),
+                                           ("synccheck", False), ("initcheck", True),
+                                           ("initcheck", False)])
+def test_fixed_chain_is_clean_under_every_tool(tool, redzones, tmp_path):
+    """The seed corpus on the fixed chain: no error under any tool. initcheck without poison
+    may only report the harness's own copies of never-written padding back to the host (no
+    kernel); a kernel never reads uninitialized memory."""
+    seeds = REPO / "corpus" / "seeds"
+    cases = [seeds] if any(corpus.iter_corpus(seeds)) else _trigger_cases((), tmp_path)
+    run = replay_under_sanitizer(cases, tool, redzones=redzones)
+    errors = [r for r in run.reports if r.level == "error"]
+    if tool == "initcheck" and not redzones:
+        errors = [r for r in errors if r.kernel is not None]
+    assert not errors, [str(r) for r in errors[:10]]
+    assert not run.truncated and all(c.status in ("clean", "rejected") for c in run.cases), [
+        (c.path, c.status, c.message) for c in run.cases if c.status not in ("clean",
+                                                                            "rejected")]
+
+
+@gpu
+@needs_sanitizer
+def test_planted_write_is_mapped_to_its_case(tmp_path):
+    """lora-disabled-adapter's wild write, between two clean cases: memcheck names
+    lora_count_and_sort in case 1's lora_align, and the replay goes on after it."""
+    from harness.demo import demo_cases
+
+    cs = demo_cases()
+    paths = [corpus.save(cs[n], tmp_path / n) for n in ("normal", "lora-all-slots", "normal")]
+    run = replay_under_sanitizer(paths, "memcheck", bugs=("lora-disabled-adapter",),
+                                 redzones=False)
+    errs = [r for r in run.reports if r.kind.startswith("invalid")]
+    assert errs and {(r.case, r.stage) for r in errs} == {(1, "lora_align")}, errs
+    assert {r.mapped_by for r in errs} == {"host-frames"}  # its Python frames name the case
+    assert run.cases[2].status == "clean" and run.processes == 2  # the context was lost
+    json.dumps([r.to_json() for r in run.reports])
