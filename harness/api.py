@@ -24,8 +24,8 @@ def execute(case: MoECase, target: Target | str = "cpu",
     bugs = bugs if isinstance(bugs, BugSet) else BugSet.of(bugs)
     case.validate()
     target = get_target(target) if isinstance(target, str) else target
-    with chain_mode(case):
-        result = run_case(case, target, bugs)
+    result = run_case(case, target, bugs)
+    with chain_mode():
         result.findings = invariants.check(result)
     return result
 

@@ -103,13 +103,16 @@ class DemoReport:
 
 
 def run_demo(target: Target | str = "cpu",
-             progress: Callable[[str, str], None] | None = None) -> DemoReport:
-    """Run every demo case under every configuration on `target`."""
+             progress: Callable[[str, str], None] | None = None,
+             cases: dict[str, MoECase] | None = None,
+             configs: dict[str, BugSet] | None = None) -> DemoReport:
+    """Run every demo case under every configuration on `target` (`cases` / `configs`: a
+    part of the matrix instead, default all of `demo_cases()` / `demo_configs()`)."""
     import time
 
     start = time.perf_counter()
-    cases = demo_cases()
-    configs = demo_configs()
+    cases = demo_cases() if cases is None else cases
+    configs = demo_configs() if configs is None else configs
     report = DemoReport(list(cases), list(configs))
     for cname, bugs in configs.items():
         report.cells[cname] = {}

@@ -151,7 +151,9 @@ def build_command(config: SanitizerConfig | None, manifest: Path,
 @dataclass
 class CaseResult:
     """One replayed case. `status`: clean | findings | rejected (a contract error) | error
-    (could not be loaded or run) | timeout | crashed | not-run."""
+    (could not be loaded or run) | timeout | crashed | not-run. `set_aside`: findings of the
+    checks that need poison, on a replay without it (`sanitizer_replay.POISON_CHECKS`): kept
+    for the reader, not counted. `bugs`: the variants it ran with."""
 
     index: int
     path: str
@@ -160,6 +162,8 @@ class CaseResult:
     message: str = ""
     seconds: float = 0.0
     reports: list[SanitizerReport] = field(default_factory=list)
+    set_aside: list[dict[str, Any]] = field(default_factory=list)
+    bugs: tuple[str, ...] = ()
 
     @property
     def errors(self) -> list[SanitizerReport]:
@@ -395,6 +399,7 @@ def _interpret(log: _ProcessLog, tool: str | None, xml_path: Path | None,
         elif ev == "case-end" and i in cases:
             c = cases[i]
             c.findings, c.seconds = list(m.get("findings", [])), float(m.get("seconds", 0.0))
+            c.set_aside = list(m.get("set_aside", []))
             c.status = "findings" if c.findings else ("rejected" if m.get("rejected")
                                                       else "clean")
             c.message = m.get("rejected") or ""
@@ -439,33 +444,62 @@ def _interpret(log: _ProcessLog, tool: str | None, xml_path: Path | None,
 # -- the API -----------------------------------------------------------------------------------
 
 
-def _collect(items: Iterable[Any], workdir: Path) -> list[tuple[int, str]]:
-    """(index, path) of every case: files, directories (recursively) and `MoECase`s (saved
-    under `workdir`). Every file is loaded once here, so bad input fails before anything runs."""
+def _collect(items: Iterable[Any], workdir: Path,
+             bugs: tuple[str, ...]) -> list[tuple[int, str, tuple[str, ...]]]:
+    """(index, path, variants) of every case: files, directories (recursively) and `MoECase`s
+    (saved under `workdir`), each with `bugs`, or given as a pair (item, its own variants).
+    Every file is loaded once here, so bad input fails before anything runs."""
     from harness import corpus
+    from harness.bugs import BugSet
     from harness.case import MoECase
 
-    paths: list[str] = []
+    out: list[tuple[str, tuple[str, ...]]] = []
     for item in items:
+        own = bugs
+        if isinstance(item, tuple) and len(item) == 2:
+            item, own = item[0], tuple(sorted(BugSet.of(list(item[1])).names))
         if isinstance(item, MoECase):
-            paths.append(str(corpus.save(item, workdir / "cases")))
+            out.append((str(corpus.save(item, workdir / "cases")), own))
             continue
         p = Path(item)
         if not p.exists():
             raise HarnessError(f"{p}: no such case file or directory")
         for f in corpus.iter_corpus(p):
             corpus.load(f)
-            paths.append(str(f))
-    if not paths:
+            out.append((str(f), own))
+    if not out:
         raise HarnessError("no cases to replay (no .json case files found)")
-    return list(enumerate(paths))
+    return [(i, path, own) for i, (path, own) in enumerate(out)]
+
+
+#: the buffer size (`MoECase.memory_estimate`, bytes) up to which `small_cases` keeps a case:
+#: initcheck without poison took over 150 s on an H200 for the one seed above it (2,048 rows x
+#: K = 32, 65,536 m-blocks: 3.2 MB), against under 16 s for all nine seeds with poison on
+SMALL_CASE_BYTES = 1 << 20
+
+
+def small_cases(items: Iterable[str | os.PathLike],
+                max_bytes: int = SMALL_CASE_BYTES) -> tuple[list[Path], list[Path]]:
+    """(kept, left out): the case files under `items` whose buffers take at most `max_bytes`;
+    for the slow tools (initcheck without poison) over a corpus that holds large cases."""
+    from harness import corpus
+
+    kept: list[Path] = []
+    left: list[Path] = []
+    for item in items:
+        for f in corpus.iter_corpus(Path(item)):
+            case, _ = corpus.load(f)
+            size = sum(b.bytes for b in case.memory_estimate())
+            (kept if size <= max_bytes else left).append(Path(f))
+    return kept, left
 
 
 def replay_cases(cases: Iterable[Any], tool: str | None = None, backend: str = "cuda",
                  bugs: Iterable[str] = (), redzones: bool = True,
                  config: SanitizerConfig | None = None) -> SanitizerRun:
-    """Replay `cases` (files, directories, `MoECase`s) in as few processes as crashes allow,
-    under compute-sanitizer's `tool` (None: bare, e.g. for crash isolation or a baseline)."""
+    """Replay `cases` (files, directories, `MoECase`s; or (item, variants) pairs, which run
+    with their own variants instead of `bugs`) in as few processes as crashes allow, under
+    compute-sanitizer's `tool` (None: bare, e.g. for crash isolation or a baseline)."""
     from harness.bugs import BugSet
 
     bug_names = sorted(BugSet.of(list(bugs)).names)  # UnknownVariant before anything runs
@@ -483,8 +517,8 @@ def replay_cases(cases: Iterable[Any], tool: str | None = None, backend: str = "
         else:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(
                 prefix="moe-sanitizer-")))
-        entries = _collect(cases, workdir)
-        results = {i: CaseResult(i, p) for i, p in entries}
+        entries = _collect(cases, workdir, tuple(bug_names))
+        results = {i: CaseResult(i, p, bugs=b) for i, p, b in entries}
         run = SanitizerRun(tool, list(results.values()))
         pending = entries
         while pending:
@@ -492,7 +526,8 @@ def replay_cases(cases: Iterable[Any], tool: str | None = None, backend: str = "
             manifest = workdir / f"manifest-{attempt}.json"
             manifest.write_text(json.dumps({
                 "backend": backend, "bugs": bug_names, "checks": redzones,
-                "cases": [{"index": i, "path": p} for i, p in pending]}), encoding="utf-8")
+                "cases": [{"index": i, "path": p, "bugs": list(b)} for i, p, b in pending]}),
+                encoding="utf-8")
             xml_path = workdir / f"{tool}-{attempt}.xml" if tool else None
             argv = build_command(config if tool else None, manifest, xml_path)
             log = _run_process(argv, base, workdir, attempt)
@@ -501,11 +536,11 @@ def replay_cases(cases: Iterable[Any], tool: str | None = None, backend: str = "
             if not started:
                 why = "start-up timed out" if log.timed_out else \
                     f"the process ended (exit {log.returncode}) before its first case"
-                for i, _ in pending:
+                for i, _, _ in pending:
                     results[i].status, results[i].message = (
                         "timeout" if log.timed_out else "not-run"), why
                 break
-            pending = [(i, p) for i, p in pending if i not in set(started)]
+            pending = [e for e in pending if e[0] not in set(started)]
             if pending and log.returncode not in (0, EXIT_CONTEXT_LOST) and not log.timed_out \
                     and all(results[i].status != "crashed" for i in started):
                 run.problems.append(f"replay process exited {log.returncode} between cases")

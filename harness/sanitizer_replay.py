@@ -2,15 +2,21 @@
 one process, launch markers on stdout.
 
 `python -m harness.sanitizer_replay MANIFEST.json`, where the manifest (written by
-`harness.sanitizer`) names the cases (index, path), the backend, the bug variants and whether
-the cuda backend's redzones and poison are on. Before each case and around each stage the
-process prints one marker line, `@@moe-harness {json}`, flushed, so the parent can tell which
-case and stage were running when compute-sanitizer printed a record; each stage is also an
-NVTX range "moe-harness:<case>:<stage>" (seen by Nsight tools). And case i runs inside a
-Python function named `moe_harness_case_<i>`: compute-sanitizer's host backtraces include
-Python frames by name, so every record names its case even where its text is not interleaved
-with the markers. Exit codes: 0 every case ran, 3 the CUDA context was lost (the parent
-restarts after that case), 4 the backend cannot run.
+`harness.sanitizer`) names the cases (index, path, optionally the case's own bug variants),
+the backend, the bug variants and whether the cuda backend's redzones and poison are on.
+Before each case and around each stage the process prints one marker line,
+`@@moe-harness {json}`, flushed, so the parent can tell which case and stage were running when
+compute-sanitizer printed a record; each stage is also an NVTX range
+"moe-harness:<case>:<stage>" (seen by Nsight tools). And case i runs inside a Python function
+named `moe_harness_case_<i>`: compute-sanitizer's host backtraces include Python frames by
+name, so every record names its case even where its text is not interleaved with the markers.
+
+Without poison (the cuda backend with checks off) the invariants that read poison
+(`POISON_CHECKS`) see whatever the allocator left in never-written memory: their findings are
+reported apart ("set_aside"), not as the case's findings.
+
+Exit codes: 0 every case ran, 3 the CUDA context was lost (the parent restarts after that
+case), 4 the backend cannot run.
 """
 
 from __future__ import annotations
@@ -32,6 +38,12 @@ EXIT_CONTEXT_LOST = 3
 EXIT_UNAVAILABLE = 4
 _STAGE_METHODS = ("gating", "dispatch", "sort_align", "experts", "finalize", "combine",
                   "lora_align")
+#: invariant checks that tell never-written memory by its poison pattern (harness.memory):
+#: sort_align/lora_align "no-poison" (a row that must be written holds poison) and lora_align
+#: "disabled-untouched" (a skipped adapter's row is not all poison). Without poison an untouched
+#: buffer holds whatever the allocator returns, so they give artefacts (on an H200:
+#: lora_align:disabled-untouched on the seed with a disabled adapter) or nothing, no verdict.
+POISON_CHECKS = frozenset({"no-poison", "disabled-untouched"})
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -123,6 +135,15 @@ def case_runner(i: int) -> Callable:
     return types.FunctionType(code, _run_case.__globals__, name)
 
 
+def split_findings(findings: list[dict[str, Any]],
+                   poisoned: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(findings, set aside): with `poisoned` False, those of `POISON_CHECKS` are set aside."""
+    if poisoned:
+        return findings, []
+    keep = [f for f in findings if f.get("check") not in POISON_CHECKS]
+    return keep, [f for f in findings if f.get("check") in POISON_CHECKS]
+
+
 def make_target(backend: str, checks: bool) -> Target:
     """The backend to replay on; the cuda one without redzones and poison if `checks` is off."""
     if backend == "cuda":
@@ -152,6 +173,7 @@ def replay(manifest: dict[str, Any]) -> int:
         emit("unavailable", message=str(exc))
         return EXIT_UNAVAILABLE
     target = MarkedTarget(inner)
+    poisoned = bool(getattr(inner, "checks", True))  # the cpu backend always poisons
     for entry in manifest["cases"]:
         i = int(entry["index"])
         target.case = i
@@ -159,12 +181,14 @@ def replay(manifest: dict[str, Any]) -> int:
         start = time.perf_counter()
         try:
             case, _ = corpus.load(entry["path"])
-            result = case_runner(i)(case, target, bugs)
+            case_bugs = bugs if entry.get("bugs") is None else BugSet.of(entry["bugs"])
+            result = case_runner(i)(case, target, case_bugs)
         except HarnessError as exc:
             emit("case-error", i=i, message=str(exc))
             continue
-        emit("case-end", i=i, seconds=time.perf_counter() - start,
-             findings=[f.to_json() for f in result.findings],
+        findings, set_aside = split_findings([f.to_json() for f in result.findings], poisoned)
+        emit("case-end", i=i, seconds=time.perf_counter() - start, findings=findings,
+             set_aside=set_aside,
              rejected=None if result.rejected is None else str(result.rejected))
         check = getattr(inner, "check_usable", None)
         if check is not None:

@@ -7,10 +7,14 @@ and behaves as FAKE_MODE says:
   truncate      as errors, but the XML file is cut in the middle of its last record
   unsupported   print the tool's "device not supported" line and exit 1, running nothing
   hang-startup  sleep before starting anything
-and, in any mode, sleeps when case FAKE_HANG_CASE starts (the application keeps running) and
-kills the application when case FAKE_KILL_CASE starts.
+and, in any mode, sleeps when case FAKE_HANG_CASE starts (the application keeps running),
+kills the application when case FAKE_KILL_CASE starts, and after case FAKE_LOSE_CONTEXT_CASE
+ends does what the replay does when its CUDA context is lost (memcheck's default on an invalid
+access): the "context-lost" marker, the application gone, exit code 3.
 FAKE_KERNEL_<STAGE> names the kernel of a stage's record (default: our kernel of the stage);
-FAKE_ONLY_WITH_BUGS: print records only in replays with bug variants on.
+FAKE_ONLY_WITH_BUGS: print records only for cases replayed with bug variants on;
+FAKE_PY_FRAMES: the records' host backtraces end in the replay's Python frames (the stage
+method, `moe_harness_case_<i>`), as compute-sanitizer 2025 writes them.
 """
 
 import json
@@ -27,9 +31,11 @@ KERNELS = {"gating": "void moe_harness::(anonymous namespace)::topk_gating_warp<
            "dispatch": "void at::native::index_elementwise_kernel<128, 4>(long)"}
 
 
-def record(kernel: str, address: int) -> tuple[list[str], str]:
+def record(kernel: str, address: int,
+           py_frames: list[tuple[str, str, int]] = ()) -> tuple[list[str], str]:
     """A memcheck record as compute-sanitizer 2025.2 writes it: text (the nearest allocation
-    is only there) and XML (the headline has "is out of bounds" appended)."""
+    is only there) and XML (the headline has "is out of bounds" appended); `py_frames`
+    (function, path, line), innermost first, end its host backtrace."""
     text = [
         "Invalid __global__ write of size 4 bytes",
         f"    at {kernel}+0x1d0 in kernel.cu:42",
@@ -39,6 +45,8 @@ def record(kernel: str, address: int) -> tuple[list[str], str]:
         "1,024 bytes",
         "    Saved host backtrace up to driver entry point at kernel launch time",
         "        Host Frame: launch_kernel [0x1234] in libmoe.so",
+        *(f"        Host Frame: {f} in {os.path.basename(path)}:{line}"
+          for f, path, line in py_frames),
     ]
     xml = (
         "<record><kind>Precise</kind><level>Error</level>"
@@ -51,7 +59,9 @@ def record(kernel: str, address: int) -> tuple[list[str], str]:
         "<path>/src/kernel.cu</path><line>42</line><pc>0x1d0</pc></where>"
         "<hostStack><saveLocation>kernel launch time</saveLocation>"
         "<frame><func>launch_kernel</func><pc>0x1234</pc><module>libmoe.so</module></frame>"
-        "</hostStack></record>")
+        + "".join(f"<frame><func>{f}</func><path>{path}</path><line>{line}</line></frame>"
+                  for f, path, line in py_frames)
+        + "</hostStack></record>")
     return text, xml
 
 
@@ -65,10 +75,13 @@ def main() -> int:
     mode = os.environ.get("FAKE_MODE", "errors")
     hang_case = int(os.environ.get("FAKE_HANG_CASE", "-1"))
     kill_case = int(os.environ.get("FAKE_KILL_CASE", "-1"))
+    lose_case = int(os.environ.get("FAKE_LOSE_CONTEXT_CASE", "-1"))
     at = {x for x in os.environ.get("FAKE_ERROR_AT", "").split(",") if x}
     with open(app[-1]) as f:  # the replay's manifest
-        if os.environ.get("FAKE_ONLY_WITH_BUGS") and not json.load(f)["bugs"]:
-            at = set()
+        manifest = json.load(f)
+    bugs_of = {c["index"]: c.get("bugs", manifest["bugs"]) for c in manifest["cases"]}
+    if os.environ.get("FAKE_ONLY_WITH_BUGS"):
+        at = {x for x in at if bugs_of.get(int(x.split(":")[0]))}
     print("========= COMPUTE-SANITIZER", flush=True)
     if mode == "unsupported":
         print("========= Error: Device not supported", flush=True)
@@ -76,6 +89,7 @@ def main() -> int:
     if mode == "hang-startup":
         time.sleep(120)
     records = []
+    lost = False
     proc = subprocess.Popen(app, stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:
         sys.stdout.write(line)
@@ -85,7 +99,11 @@ def main() -> int:
         m = json.loads(line[len("@@moe-harness "):])
         if m["ev"] == "stage" and f"{m['i']}:{m['stage']}" in at:
             kernel = os.environ.get(f"FAKE_KERNEL_{m['stage'].upper()}") or KERNELS[m["stage"]]
-            text, xml = record(kernel, 0x7F0000001000 + 0x10000 * len(records))
+            frames = [(m["stage"], "/repo/harness/backends/cuda.py", 372),
+                      (f"moe_harness_case_{m['i']}", "/repo/harness/sanitizer_replay.py", 150),
+                      ("replay", "/repo/harness/sanitizer_replay.py", 180)]
+            text, xml = record(kernel, 0x7F0000001000 + 0x10000 * len(records),
+                               frames if os.environ.get("FAKE_PY_FRAMES") else [])
             for t in text:
                 print(f"========= {t}")
             print("=========", flush=True)
@@ -94,7 +112,14 @@ def main() -> int:
             time.sleep(120)
         if m["ev"] == "case" and m["i"] == kill_case:
             os.kill(proc.pid, signal.SIGKILL)
-    rc = proc.wait()
+        if m["ev"] == "case-end" and m["i"] == lose_case:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            print("@@moe-harness " + json.dumps({"ev": "context-lost", "i": lose_case}),
+                  flush=True)
+            lost = True
+            break
+    rc = 3 if lost else proc.wait()
     doc = ('<?xml version="1.0" encoding="utf-8"?>\n<ComputeSanitizerOutput>'
            + "".join(records) + "</ComputeSanitizerOutput>\n")
     if mode == "truncate":

@@ -116,11 +116,11 @@ IMPOSSIBLE = {
     # impossible shapes: a buffer beyond int32 indexing, or more than MAX_CASE_BYTES in all
     "receive buffer > 2**31": (dict(num_experts=64, topk=32, ep_size=64,
                                     max_tokens_per_rank=MAX_TOKENS), "max_tokens_per_rank"),
-    "default receive buffer > 2**31": (dict(num_tokens=MAX_TOKENS, num_experts=64, topk=32,
+    "default receive buffers > 8 GiB": (dict(num_tokens=MAX_TOKENS, num_experts=64, topk=32,
                                             ep_size=64), "ep_size"),
     "expert_out > 2**31": (dict(num_tokens=MAX_TOKENS, num_experts=64, topk=32,
                                 hidden_size=256), "num_tokens"),
-    "lora layout > 2**31": (dict(num_tokens=MAX_TOKENS, num_experts=64, topk=32, max_loras=64),
+    "lora layout > 8 GiB": (dict(num_tokens=MAX_TOKENS, num_experts=64, topk=32, max_loras=64),
                             "max_loras"),
     "logits > 8 GiB in all": (dict(num_tokens=MAX_TOKENS, num_experts=1024, topk=32),
                               "num_tokens"),

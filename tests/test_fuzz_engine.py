@@ -43,16 +43,16 @@ def test_finds_a_planted_variant_from_an_empty_corpus(tmp_path):
 
 
 def test_fixed_chain_short_run_has_no_findings(tmp_path):
-    report = fuzz(_config(tmp_path, runs=RUNS, seed=3))
+    report = fuzz(_config(tmp_path, runs=100, seed=3))
     s = report.status
-    assert report.findings == [] and s.executions >= RUNS - 5
+    assert report.findings == [] and s.executions == 100
     assert s.coverage > 0 and s.semantic > 0 and s.corpus_size > 0
     assert s.decode_errors == 0 and s.invalid == 0
 
 
 def test_same_seed_same_run_and_a_rerun_resumes(tmp_path):
-    a = fuzz(_config(tmp_path / "a", bugs=(EASY,), runs=80))
-    b = fuzz(_config(tmp_path / "b", bugs=(EASY,), runs=80))
+    a = fuzz(_config(tmp_path / "a", bugs=(EASY,), runs=50))
+    b = fuzz(_config(tmp_path / "b", bugs=(EASY,), runs=50))
     files_a = sorted(p.name for p in a.config.corpus_dir.iterdir())
     files_b = sorted(p.name for p in b.config.corpus_dir.iterdir())
     assert files_a == files_b and files_a

@@ -77,8 +77,8 @@ def test_a_defect_of_the_target_is_an_internal_finding_not_a_crash():
     assert f"{__name__}.py:" in out.findings[0].details["location"]  # where it was raised
 
 
-def test_worker_matches_in_process_and_survives_crash_and_sticky_error():
-    with WorkerExecutor(f"{__name__}:faulty_target", ("topk-nan-argmax",)) as ex:
+def test_worker_matches_in_process_and_survives_crash_hang_and_sticky_error():
+    with WorkerExecutor(f"{__name__}:faulty_target", ("topk-nan-argmax",), timeout=3.0) as ex:
         first = ex.run(NAN_CASE)
         here = InProcessExecutor(FaultyTarget(), ("topk-nan-argmax",)).run(NAN_CASE)
         assert _sigs(first) == _sigs(here) and first.features == here.features
@@ -86,22 +86,16 @@ def test_worker_matches_in_process_and_survives_crash_and_sticky_error():
         crashed = ex.run(MoECase(CRASH_T, 8, 2))
         assert _sigs(crashed) == {"gating:crash"} and crashed.restarted
         assert "exit code 3" in crashed.findings[0].message
-        assert ex.run(MoECase(8, 8, 2)).findings == []  # a fresh worker goes on
+
+        start = time.monotonic()
+        hung = ex.run(MoECase(HANG_T, 8, 2))  # a fresh worker after the crash, then a hang
+        assert _sigs(hung) == {"sort_align:hang"} and hung.restarted
+        assert time.monotonic() - start < 60
 
         sticky = ex.run(MoECase(STICKY_T, 8, 2))
         assert "experts:illegal-access" in _sigs(sticky) and sticky.restarted
-        assert _sigs(ex.run(NAN_CASE)) == _sigs(first)
-        assert ex.restarts == 2
-
-
-def test_worker_hang_is_a_finding_and_the_worker_restarts():
-    with WorkerExecutor(f"{__name__}:faulty_target", timeout=3.0) as ex:
-        assert ex.run(MoECase(8, 8, 2)).findings == []
-        start = time.monotonic()
-        hung = ex.run(MoECase(HANG_T, 8, 2))
-        assert _sigs(hung) == {"sort_align:hang"} and hung.restarted
-        assert time.monotonic() - start < 30
-        assert ex.run(MoECase(8, 8, 2)).findings == []
+        assert _sigs(ex.run(NAN_CASE)) == _sigs(first)  # and the loop goes on
+        assert ex.restarts == 3
 
 
 def test_worker_with_a_target_that_cannot_load():

@@ -270,6 +270,20 @@ def test_matches_kernel_loops(E: int, bugs: BugSet) -> None:
             check_against_loops(logits, min(E, 5), scoring, bias, bugs)
 
 
+@pytest.mark.parametrize("E", [64, 192, 512])
+def test_lane_path_matches_kernel_loops(monkeypatch, E: int) -> None:
+    """Large NaN-free chunks keep every lane's running max instead of one max per row: the
+    same selection, ties included (small chunks take the per-row max)."""
+    monkeypatch.setattr(gating, "_ROWWISE_ELEMS", 0)
+    g = torch.Generator().manual_seed(E)
+    logits = torch.tensor(SPECIAL)[torch.randint(0, len(SPECIAL), (6, E), generator=g)]
+    logits[0] = torch.randn(E, generator=g)
+    bias = torch.round(torch.randn(E, generator=g) * 4) / 4
+    for scoring in ("softmax", "sigmoid"):
+        for b in (None, bias):
+            check_against_loops(logits, 5, scoring, b, BugSet())
+
+
 @settings(max_examples=60, deadline=None)
 @given(data=st.data(), E=st.sampled_from([1, 2, 4, 8, 16, 64, 3, 5, 12, 257]),
        scoring=st.sampled_from(["softmax", "sigmoid"]), variant=st.booleans())

@@ -42,6 +42,8 @@ from harness.memory import CheckedBuffer
 _MASKED = -10000.0  # what topkGatingSoftmax writes over a chosen expert's value
 _NEG_INF = float("-inf")
 _POS_INF = float("inf")
+#: NaN-free chunks of at most this many scores select by one max over each row per round
+_ROWWISE_ELEMS = 1 << 17
 #: rows are independent: the model runs them in chunks of about 8 MiB of fp32 scores, so every
 #: temporary stays in cache and out of fresh (page-faulting) allocations at T = 400,000
 _CHUNK_ELEMS = 1 << 21
@@ -258,7 +260,9 @@ def _lane_argmax(val: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, to
 def _warp_path(inp: GatingInput, ctx: StageContext) -> GatingOutput:
     """Lane l holds experts [l*vpt, (l+1)*vpt); per round each lane's running max, the
     butterfly to lane 0, and the owner lane's -10000 mask. Only the winner's lane changes
-    between rounds, so only its running max is recomputed."""
+    between rounds, so only its running max is recomputed. A NaN-free chunk is an order, where
+    lanes and butterfly yield the row's first maximum: small ones take it in one op per round
+    (the lanes are kept where a NaN makes the reduction order matter, and on large chunks)."""
     T, E, K = _launch(inp)
     lanes, vpt = geometry.warp_layout(E)
     lane_base = torch.arange(0, lanes * vpt, vpt)
@@ -273,9 +277,12 @@ def _warp_path(inp: GatingInput, ctx: StageContext) -> GatingOutput:
         scores, values = scores_buf[:n], values_buf[:n]
         has_nan = _selection(inp, scores, values, _score(inp, ctx, rows, scores))
         nan_seen |= has_nan
-        if vpt == 1:  # a lane's max is its one value: a view, so masking updates it
+        # NaN-free, the lanes' running maxima and the butterfly find the row's first maximum
+        # (see _lane_argmax): on small chunks one max over the row per round costs less
+        rowwise = not has_nan and (vpt == 1 or n * E <= _ROWWISE_ELEMS)
+        if not rowwise and vpt == 1:  # a lane's max is its one value: a view, masked in place
             lane_val, lane_idx = values, lane_base.expand(n, E)
-        else:
+        elif not rowwise:
             lane_val, pos = _lane_max(values.view(n, lanes, vpt), has_nan)
             lane_idx = pos.add_(lane_base)
             lane_rows = values.view(n * lanes, vpt)  # lane r*lanes + l of row r
@@ -283,10 +290,10 @@ def _warp_path(inp: GatingInput, ctx: StageContext) -> GatingOutput:
         total = torch.zeros(n, dtype=torch.float32)
         rounds: _Rounds = ([], [], [])
         for k in range(K):
-            if has_nan:
+            if rowwise:
+                best, winner = values.max(1)
+            elif has_nan:
                 best, winner = _butterfly(lane_val, lane_idx)
-            elif vpt == 1:  # lane l holds expert l
-                best, winner = lane_val.max(1)
             else:
                 best, winner = _lane_argmax(lane_val, lane_idx)
             col = winner.view(n, 1)
@@ -298,7 +305,7 @@ def _warp_path(inp: GatingInput, ctx: StageContext) -> GatingOutput:
                 break
             # the lane owning the winner masks it; only that lane's running max changes
             values.scatter_(1, col, _MASKED)
-            if vpt > 1:
+            if vpt > 1 and not rowwise:
                 lane = col.div(vpt, rounding_mode="floor")
                 v, p = _lane_max(lane_rows.index_select(0, (first_lane + lane).view(n)),
                                  has_nan)

@@ -3,7 +3,9 @@
 Every stage's input (as the stage received it, after upstream faults) and output (as the stage
 produced it, before faults) is kept in the `RunResult`, so invariants check each stage against
 exactly what it was given. An `IllegalAccess` or `LaunchConfigError` ends the run with a finding
-naming the stage; a `ContractError` ends it as a clean rejection.
+naming the stage; a `ContractError` ends it as a clean rejection. Runs execute in `chain_mode`
+(inference mode, one intra-op thread): thousands of small ops, where torch's per-op overhead is
+the cost.
 """
 
 from __future__ import annotations
@@ -94,8 +96,7 @@ def _ownership(num_experts: int, ep_size: int, expert_to_rank: tuple[int, ...] |
     (int64)): constants of the expert placement, computed once per placement (read-only)."""
     case = MoECase(1, num_experts, 1, ep_size=ep_size, expert_to_rank=expert_to_rank)
     owner = case.rank_of_expert()
-    wide = owner.long()
-    local = tuple(torch.nonzero(wide == r).flatten() for r in range(ep_size))
+    local = tuple(torch.nonzero(owner == r).flatten() for r in range(ep_size))
     return owner, case.expert_map(), local
 
 
@@ -109,38 +110,43 @@ def recv_garbage(case: MoECase) -> torch.Tensor:
 
 #: intra-op threads of a run. One: most of a run's ops are on small tensors, where an OpenMP
 #: fork/join costs more than the op, and on a busy machine (a fuzzer's parallel workers, CI)
-#: even the large ones lose: the 400,000-token gating ran 11x slower on 2 threads than on 1 on
-#: the 2-core CI box. Parallelism comes from running cases in parallel processes.
+#: even the large ones lose: the 400,000-token gating ran ~10x slower on 2 threads than on 1
+#: on the 2-core CI box. Parallelism comes from running cases in parallel processes.
 CHAIN_THREADS = 1
 
 
 @contextlib.contextmanager
-def chain_mode(case: MoECase) -> Iterator[None]:
+def chain_mode(case: MoECase | None = None) -> Iterator[None]:
     """The torch state a run (and its checks) executes in: inference mode (no autograd
     bookkeeping on the thousands of small ops) and CHAIN_THREADS intra-op threads.
 
     Tensors created inside are inference tensors: read them anywhere, but write them in
     place only inside this context (a clone made outside it is an ordinary tensor). The
-    thread count is restored on exit.
+    thread count is restored on exit. (`case` is accepted and unused: the mode is the same for
+    every case.)
     """
     threads = torch.get_num_threads()
-    single = threads > CHAIN_THREADS
+    fewer = threads > CHAIN_THREADS
     with torch.inference_mode():
-        if single:
+        if fewer:
             torch.set_num_threads(CHAIN_THREADS)
         try:
             yield
         finally:
-            if single:
+            if fewer:
                 torch.set_num_threads(threads)
 
 
 def run_case(case: MoECase, target: Target, bugs: BugSet = FIXED) -> RunResult:
-    """Run `case` once on `target` with `bugs` on. Raises `CaseError` for an invalid case."""
-    with chain_mode(case):
-        whole = target.run_chain(case, bugs)  # a target that runs the chain at once (CUDA graph)
-        if whole is not None:
-            return whole
+    """Run `case` once on `target` with `bugs` on. Raises `CaseError` for an invalid case.
+
+    The stages run in `chain_mode`; a target that runs the whole chain at once (CUDA graphs)
+    runs outside it, since it keeps device buffers from run to run that it also fills outside
+    a run (an inference tensor may not be written there)."""
+    whole = target.run_chain(case, bugs)
+    if whole is not None:
+        return whole
+    with chain_mode():
         tensors = materialize(case)
         res = RunResult(case, bugs, target.name, tensors)
         ctx = StageContext(bugs=bugs, coverage=res.coverage)

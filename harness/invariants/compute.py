@@ -90,12 +90,13 @@ def finalize(rr: RankRun, dtype: torch.dtype, rep: Report) -> None:
         torch.sum(v.abs_().amax(2) * wr.abs(), 1, out=scale[r0:r1])
     # a judged scale means every term read was finite and their sum cannot overflow
     nonfinite = oracle.judged(scale) & ~finite(got).all(1)
-    if bool(nonfinite.any()):
+    bad = oracle.row_mismatches(got, expected, scale, dtype) & ~nonfinite
+    any_nonfinite, any_bad = torch.stack([nonfinite.any(), bad.any()]).tolist()
+    if any_nonfinite:
         r = first(nonfinite)
         rep.add("finite", "non-finite output from finite weights and expert outputs", rows=r,
                 output=got[r], oracle=expected[r])
-    bad = oracle.row_mismatches(got, expected, scale, dtype) & ~nonfinite
-    if bool(bad.any()):
+    if any_bad:
         r = first(bad)
         rep.add("matches-oracle", "output differs from sum_k w * expert_out[permuted_row]",
                 rows=r, permuted_row=rows[r], output=got[r], oracle=expected[r])
@@ -119,20 +120,28 @@ def chain(res: RunResult, rep: Report) -> None:
     got = shape_of("chain output", res.output, (T, H)).float()
     expected = oracle.chain_output(case, t, ids, w)
     lids = ids.long()
-    ok = (lids >= 0) & (lids < case.num_experts)
     # |hidden @ W[id]| <= ||hidden||_1 * max|W[id]| bounds each product before its weight
     # (which may be 0): a product that may overflow leaves the token unjudged
-    w_max = t.expert_weights.abs().amax((1, 2))[lids.masked_fill(~ok, 0)].masked_fill_(~ok, 0)
+    w_all = t.expert_weights.abs().amax((1, 2))
+    lo, hi = torch.stack(torch.aminmax(lids)).tolist() if lids.numel() else (0, 0)
+    if 0 <= lo and hi < case.num_experts:  # every id routed (a legal gating)
+        w_max = w_all[lids]
+        terms = w.float().abs() * w_max
+    else:
+        ok = (lids >= 0) & (lids < case.num_experts)
+        w_max = w_all[lids.masked_fill(~ok, 0)].masked_fill_(~ok, 0)
+        terms = torch.where(ok, w.float().abs() * w_max, 0.0)
     h_l1 = t.hidden_states.float().abs().sum(1)
-    scale = h_l1 * torch.where(ok, w.float().abs() * w_max, 0.0).sum(1)
+    scale = h_l1 * terms.sum(1)
     scale.masked_fill_(~oracle.judged(h_l1 * w_max.amax(1)), math.nan)
     nonfinite = oracle.judged(scale) & ~finite(got).all(1)
-    if bool(nonfinite.any()):
+    bad = oracle.row_mismatches(got, expected, scale, case.torch_dtype) & ~nonfinite
+    any_nonfinite, any_bad = torch.stack([nonfinite.any(), bad.any()]).tolist()
+    if any_nonfinite:
         r = first(nonfinite)
         rep.add("finite", "non-finite output for finite weights and hidden states", rows=r,
                 output=got[r], oracle=expected[r])
-    bad = oracle.row_mismatches(got, expected, scale, case.torch_dtype) & ~nonfinite
-    if bool(bad.any()):
+    if any_bad:
         r = first(bad)
         rep.add("matches-oracle", "end-to-end output differs from sum_k w * hidden @ W[id]",
                 rows=r, ids=ids[r], output=got[r], oracle=expected[r])

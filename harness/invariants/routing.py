@@ -129,12 +129,13 @@ def _gating_rows(inp, logits: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
     expected_w = chosen
     if inp.renormalize:
         total = chosen.sum(1, keepdim=True)
-        expected_w = chosen / torch.where(total > 0, total, torch.ones_like(total))
+        expected_w = chosen / torch.where(total > 0, total, 1.0)
         # a sum below the smallest normal float is implementation-defined (flush-to-zero, a
         # sigmoid that underflows to 0 or to a subnormal): such rows are not judged
         normal = total.squeeze(1) >= TINY
         bad_norm = normal & ((w.sum(1) - 1).abs() > atol * K)
-    bad = ~((w - expected_w).abs_() <= expected_w.abs() * rtol + atol).all(1)
+    # |w - e| <= atol + rtol |e|, e >= 0 (clamped scores over a positive sum)
+    bad = ~((w - expected_w).abs_() <= expected_w * rtol + atol).all(1)
     if inp.renormalize:
         bad &= normal
     if not sel_defined:
