@@ -8,9 +8,11 @@ import time
 
 import pytest
 
+from harness import corpus
 from harness.backends.cpu import CpuTarget
 from harness.case import MoECase, Patch
 from harness.errors import BackendUnavailable, IllegalAccess
+from harness.fuzz import codec
 from harness.fuzz.worker import InProcessExecutor, WorkerExecutor, make_executor
 
 #: token counts at which `FaultyTarget` misbehaves
@@ -91,6 +93,11 @@ def test_worker_matches_in_process_and_survives_crash_hang_and_sticky_error():
         hung = ex.run(MoECase(HANG_T, 8, 2))  # a fresh worker after the crash, then a hang
         assert _sigs(hung) == {"sort_align:hang"} and hung.restarted
         assert time.monotonic() - start < 60
+
+        data = codec.encode(NAN_CASE)  # a fuzz input crosses as bytes, decoded in the worker
+        case, by_bytes = ex.run_input(data, codec.LIMITS)
+        assert corpus.content_hash(case) == corpus.content_hash(NAN_CASE)
+        assert _sigs(by_bytes) == _sigs(first) and by_bytes.features == first.features
 
         sticky = ex.run(MoECase(STICKY_T, 8, 2))
         assert "experts:illegal-access" in _sigs(sticky) and sticky.restarted

@@ -378,10 +378,9 @@ class _Child:
     def __init__(self, config: FuzzConfig, started_at: float, run_dir: Path) -> None:
         import atheris
 
-        from harness.fuzz import codec, features, worker
+        from harness.fuzz import features, worker
 
         self.config, self.started_at, self.run_dir = config, started_at, run_dir
-        self.codec = codec
         self.limits = codec_limits(config.backend)
         self.trace = atheris._trace_branch  # rebound after atheris.Setup (see child_main)
         self.counters = [atheris._reserve_counter() for _ in range(FEATURE_COUNTERS)]
@@ -426,14 +425,12 @@ class _Child:
         """libFuzzer's target: decode, run, feed features, record findings; never raises."""
         self.executions += 1
         try:
-            case = self.codec.decode(data, self.limits)
-        except Exception:  # the decoder is total by contract; count a breach, go on
+            case, outcome = self.executor.run_input(data, self.limits)
+        except BackendUnavailable as exc:  # the backend cannot run at all
+            self.finish("error", str(exc))
+        except Exception:  # the decoder is total by contract: count a breach, go on
             self.decode_errors += 1
             return
-        try:
-            outcome = self.executor.run(case)
-        except HarnessError as exc:  # the backend cannot run (BackendUnavailable)
-            self.finish("error", str(exc))
         if outcome.invalid:
             self.invalid += 1
         counters, trace = self.counters, self.trace

@@ -14,6 +14,8 @@ Cases cross to the worker as corpus JSON (`harness.corpus`), outcomes come back 
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import mmap
 import os
 import tempfile
@@ -96,6 +98,13 @@ class Executor(ABC):
 
     @abstractmethod
     def run(self, case: MoECase) -> Outcome: ...
+
+    def run_input(self, data: bytes, limits) -> tuple[MoECase, Outcome]:
+        """Decode a fuzz input with the codec `limits` and run it: (case, outcome)."""
+        from harness.fuzz import codec
+
+        case = codec.decode(data, limits)
+        return case, self.run(case)
 
     def start(self) -> None:
         """Get ready to run (build the target); `BackendUnavailable` if it cannot."""
@@ -210,16 +219,26 @@ def prepare(target: str, device_coverage: bool = True, graph: bool = False,
     return {"ready": True}
 
 
-def execute_json(case: dict, target: str, bugs: list[str], device_coverage: bool = True,
-                 graph: bool = False, stage_file: str | None = None) -> dict:
-    """In the worker: run one case (corpus JSON) and return its `Outcome` as JSON, with "dead"
-    true (and a restart requested) when the target is unusable afterwards."""
+def execute_json(target: str, bugs: list[str], case: dict | None = None,
+                 data: str | None = None, limits: dict | None = None,
+                 device_coverage: bool = True, graph: bool = False,
+                 stage_file: str | None = None) -> dict:
+    """In the worker: run one case, given as corpus JSON (`case`) or as fuzz input bytes
+    (`data`, base64) decoded with the codec `limits`, and return its `Outcome` as JSON, with
+    "dead" true (and a restart requested) when the target is unusable afterwards."""
     from harness import corpus, isolation
 
     tracked = _worker_target(target, device_coverage, graph, stage_file)
     if tracked.mark is not None:
         tracked.mark[0] = 0
-    outcome = run_one(corpus.case_from_json(case), tracked, BugSet.of(bugs))
+    if data is not None:
+        from harness.fuzz import codec
+
+        lim = codec.LIMITS if limits is None else codec.CodecLimits(**limits)
+        the_case = codec.decode(base64.b64decode(data), lim)
+    else:
+        the_case = corpus.case_from_json(case)
+    outcome = run_one(the_case, tracked, BugSet.of(bugs))
     dead = not tracked.usable()
     if dead:
         isolation.request_restart()
@@ -285,9 +304,21 @@ class WorkerExecutor(Executor):
     def run(self, case: MoECase) -> Outcome:
         from harness import corpus
 
+        return self._call(case, {"case": corpus.case_to_json(case)})
+
+    def run_input(self, data: bytes, limits) -> tuple[MoECase, Outcome]:
+        """The fuzz input's bytes cross to the worker, which decodes them itself (a fraction
+        of the cost of the case's JSON, which matters at thousands of runs a second)."""
+        from harness.fuzz import codec
+
+        case = codec.decode(data, limits)
+        return case, self._call(case, {"data": base64.b64encode(data).decode("ascii"),
+                                       "limits": dataclasses.asdict(limits)})
+
+    def _call(self, case: MoECase, payload: dict) -> Outcome:
         if self._fresh:
             self._prepare()
-        args = {**self._args, "case": corpus.case_to_json(case), "bugs": sorted(self.bugs.names)}
+        args = {**self._args, **payload, "bugs": sorted(self.bugs.names)}
         try:
             reply = self._iso.call("harness.fuzz.worker:execute_json", args, self.timeout)
         except IsolationError as exc:
