@@ -122,9 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 # -- replay and triage (harness.sanitizer, harness.triage) -------------------------------------
 
@@ -382,3 +379,7 @@ def minimize_cmd(case_file: Annotated[Path, typer.Argument(metavar="CASE.json")]
                                "steps": res.steps[:50]})
     path = corpus.save(c1, output if output is not None else case_file.parent, new_meta)
     out.print(f"wrote {path}", markup=False, soft_wrap=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -79,3 +79,16 @@ def test_bad_configurations():
     resolved = FuzzConfig().resolved()
     assert resolved.seed is not None and resolved.corpus_dir == resolved.findings_dir / "corpus"
     assert FuzzConfig.from_json(resolved.to_json()) == resolved
+
+
+def test_a_stopped_run_keeps_what_it_found(tmp_path):
+    """progress() returning True stops the child (SIGTERM), as a killed run would end: the
+    corpus and the findings written so far stay, whole, for the next run to resume from."""
+    report = fuzz(_config(tmp_path, bugs=(EASY,), runs=None, seconds=120),
+                  lambda s: s.executions >= 40)
+    s = report.status
+    assert s.reason == "stopped" and 40 <= s.executions and s.seconds < 120
+    files = list(report.config.corpus_dir.iterdir())
+    assert files and all(p.stat().st_size > 0 for p in files)
+    for f in report.findings:
+        corpus.load(f.path)  # every stored finding is a whole, valid file
