@@ -158,7 +158,8 @@ class FindingStore:
         """Store the minimised reproducer of a known signature (replacing an earlier one)."""
         old = self._found[signature]
         sigdir = self.directory / signature_dir(signature)
-        finding = Finding(*signature.split(":", 1), old.message, old.severity)
+        # the minimised case may have shed what made the original out of contract or faulty
+        finding = Finding(*signature.split(":", 1), old.message, case.severity)
         meta = self._meta(finding, "minimized", minimized_from=old.path.stem,
                           minimize_runs=runs, minimize_seconds=round(seconds, 3))
         path = corpus.save(case, sigdir / MINIMIZED, meta)
