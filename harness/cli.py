@@ -288,7 +288,12 @@ def fuzz(backend: BackendOpt = "cpu", bug: BugOpt = None,
              "--device-coverage/--no-device-coverage", help="feed the cuda kernels' coverage "
              "counters to libFuzzer")] = True,
          minimize: Annotated[bool, typer.Option(
-             "--minimize/--no-minimize", help="minimise each new finding")] = True) -> None:
+             "--minimize/--no-minimize", help="minimise each new finding")] = True,
+         sanitizer_every: Annotated[int, typer.Option(
+             "--sanitizer-every", metavar="N", help="replay every Nth new corpus entry and "
+             "every finding under compute-sanitizer memcheck, in a separate process while the "
+             "fuzzer runs; a memcheck error on a corpus entry is a finding (0: off)")] = 0
+         ) -> None:
     """Coverage-guided fuzzing of the chain (atheris): findings deduplicated by signature,
     each saved with its minimised form; exit 1 if there is a finding."""
     from harness.errors import ConfigError
@@ -301,7 +306,8 @@ def fuzz(backend: BackendOpt = "cpu", bug: BugOpt = None,
                         seconds=None if runs is not None else (seconds or 60.0), runs=runs,
                         corpus_dir=corpus_dir, findings_dir=findings, seed=seed,
                         stop_on_first=stop_on_first, moe_mutators=moe_mutators, graph=graph,
-                        device_coverage=device_coverage, minimize=minimize).resolved()
+                        device_coverage=device_coverage, minimize=minimize,
+                        sanitizer_every=sanitizer_every).resolved()
     out.print(f"fuzzing {backend} ({', '.join(config.bugs) or 'fixed chain'}), seed "
               f"{config.seed}, corpus {config.corpus_dir}, findings {config.findings_dir}",
               markup=False, soft_wrap=True)
@@ -313,7 +319,10 @@ def fuzz(backend: BackendOpt = "cpu", bug: BugOpt = None,
                     shown.add(f.signature)
                     out.print(f"[red]finding[/red] {f.signature} after {f.seconds:.1f} s, "
                               f"{f.executions:,} executions: {f.path}", soft_wrap=True)
-            status.update(_fuzz_line(s))
+            line = _fuzz_line(s)
+            if config.sanitizer_every:
+                line += f"  sanitized {s.sanitized} ({s.sanitizer_pending} waiting)"
+            status.update(line)
 
         report = run_fuzz(config, progress)
     s = report.status
@@ -327,12 +336,16 @@ def fuzz(backend: BackendOpt = "cpu", bug: BugOpt = None,
                           "" if f.earlier else f"{f.executions:,}", str(f.path),
                           str(f.minimized or ""))
         out.print(table)
-    for problem in report.minimize_errors:
+    for problem in [*report.minimize_errors, *report.sanitizer_problems]:
         out.print(f"note: {problem}", markup=False, soft_wrap=True)
     out.print(f"{s.executions:,} executions in {s.seconds:.1f} s ({s.exec_per_s:,.0f}/s, "
               f"{s.reason}); coverage {s.coverage} edges, {s.features} features, "
               f"{s.semantic} semantic; corpus {s.corpus_size}; seed {config.seed}",
               markup=False, soft_wrap=True)
+    if config.sanitizer_every:
+        out.print(f"memcheck: {s.sanitized} case(s) sanitized (1 in {config.sanitizer_every}"
+                  f" new corpus entries, every finding), {s.sanitizer_errors} sanitizer "
+                  "error(s)", markup=False, soft_wrap=True)
     if not report.findings:
         out.print("[green]no findings[/green]")
     raise typer.Exit(1 if report.findings else 0)

@@ -84,7 +84,15 @@ class TriageGroup:
                 f"{self.findings[0].path}")
 
 
-def _attach(path: Path, tool_runs: dict[str, dict[str, Any]]) -> bool:
+def tool_run(tool: str, status: str, reports: list[SanitizerReport]) -> dict[str, Any]:
+    """What one tool's replay of a case puts in `meta.extra["sanitizer"][tool]`: the case's
+    status, its error count and its first reports (also used by the fuzzer's --sanitizer-every)."""
+    mine = [r for r in reports if r.tool == tool]
+    return {"status": status, "errors": sum(1 for r in mine if r.level == "error"),
+            "reports": [r.to_json() for r in mine][:MAX_STORED_REPORTS]}
+
+
+def attach_reports(path: Path, tool_runs: dict[str, dict[str, Any]]) -> bool:
     """Merge `tool_runs` into the file's meta.extra["sanitizer"]; atomic, via corpus.save.
     A file not named by its content hash is left alone (save would write a second file)."""
     case, meta = corpus.load(path)
@@ -121,13 +129,9 @@ def triage(findings_dir: str | Path, tools: tuple[str, ...] = BASE_TOOLS,
                 f.status[tool] = case.status
     for f in found:
         if attach:
-            runs = {tool: {"status": f.status.get(tool, "not-run"),
-                           "errors": sum(1 for r in f.reports if r.tool == tool
-                                         and r.level == "error"),
-                           "reports": [r.to_json() for r in f.reports
-                                       if r.tool == tool][:MAX_STORED_REPORTS]}
+            runs = {tool: tool_run(tool, f.status.get(tool, "not-run"), f.reports)
                     for tool in tools}
-            f.attached = _attach(Path(f.path), runs)
+            f.attached = attach_reports(Path(f.path), runs)
     groups: dict[str, list[TriagedFinding]] = defaultdict(list)
     for f in found:
         groups[f.root_cause].append(f)

@@ -8,10 +8,12 @@ libFuzzer ends its process when it stops (`atheris.Fuzz()` never returns), so `f
 loop in a child process (`python -c _BOOTSTRAP RUN_DIR`) and watches it: the child writes a
 status file (executions, findings) atomically, libFuzzer its log and its corpus directory (one
 byte file per input, its own format), the `FindingStore` one corpus JSON per new signature.
-The parent reports progress, minimises each new finding (in a thread, while the loop goes on)
-and builds the `FuzzReport`. Inside the child the chain's modules are instrumented by atheris
-(Python edge coverage) and every run's semantic features (`features.features`, including the
-cuda backend's device coverage) bump counters reserved once with `atheris._reserve_counter()`.
+The parent reports progress, minimises each new finding (in a thread, while the loop goes on),
+with `sanitizer_every` replays corpus entries and findings under memcheck
+(`harness.fuzz.sanitize`, a separate process) and builds the `FuzzReport`. Inside the child
+the chain's modules are instrumented by atheris (Python edge coverage) and every run's semantic
+features (`features.features`, including the cuda backend's device coverage) bump counters
+reserved once with `atheris._reserve_counter()`.
 
 Findings never reach libFuzzer: the test function records them (deduplicated by signature)
 and returns, so fuzzing goes on; with `stop_on_first` the child exits after saving the first.
@@ -34,9 +36,13 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harness.errors import BackendUnavailable, ConfigError, HarnessError
 from harness.fuzz.store import FindingStore, StoredFinding
+
+if TYPE_CHECKING:  # imported where used: the child must not import them uninstrumented
+    from harness.fuzz.sanitize import BackgroundSanitizer
 
 #: counters reserved for semantic features (feature ids are taken modulo this)
 FEATURE_COUNTERS = 1 << 13
@@ -46,6 +52,8 @@ NOT_INSTRUMENTED = ["harness.fuzz.engine", "harness.fuzz.store", "harness.fuzz.m
                     "harness.fuzz.minimize", "harness.corpus", "harness.cli",
                     "harness.isolation", "harness.demo"]
 RUN_DIR = ".fuzz-run"
+#: under RUN_DIR: the sanitizer's decoded corpus entries and its batches (scratch)
+SANITIZE_DIR = "sanitize"
 #: the codec's work limits on the cpu backend (`codec.CodecLimits` fields). The CPU model's cost
 #: grows steeply with T (with the default limits a mutated case took up to 30 s, and cases over
 #: 0.5 s took half the time; with these, at most ~1 s: 3x the executions per minute), while
@@ -60,7 +68,9 @@ class FuzzConfig:
     child process); `seed` None picks a fresh one (reported, so any run can be repeated);
     `corpus_dir` None is `<findings_dir>/corpus`. `moe_mutators` off leaves libFuzzer's byte
     mutations alone (ablation); `device_coverage` off hides the cuda backend's counters;
-    `python_coverage` off skips atheris' instrumentation. `libfuzzer_args` pass through."""
+    `python_coverage` off skips atheris' instrumentation. `sanitizer_every` N > 0 replays
+    every Nth new corpus entry and every new finding under compute-sanitizer's memcheck in the
+    background (0: off). `libfuzzer_args` pass through."""
 
     backend: str = "cpu"
     bugs: tuple[str, ...] = ()
@@ -75,7 +85,7 @@ class FuzzConfig:
     device_coverage: bool = True
     python_coverage: bool = True
     max_len: int | None = None
-    #: every Nth execution under compute-sanitizer (placeholder: 0 = never)
+    #: every Nth new corpus entry (and every finding) under memcheck; 0: off
     sanitizer_every: int = 0
     minimize: bool = True
     minimize_seconds: float = 30.0
@@ -141,6 +151,10 @@ class FuzzStatus:
     decode_errors: int = 0
     restarts: int = 0
     findings: list[StoredFinding] = field(default_factory=list)
+    #: cases replayed under memcheck (`sanitizer_every`), its error reports, cases waiting
+    sanitized: int = 0
+    sanitizer_errors: int = 0
+    sanitizer_pending: int = 0
     done: bool = False
     reason: str = ""
 
@@ -159,6 +173,8 @@ class FuzzReport:
     findings: list[StoredFinding]
     log: Path
     minimize_errors: list[str] = field(default_factory=list)
+    #: what could not be sanitized (`sanitizer_every`), one line each
+    sanitizer_problems: list[str] = field(default_factory=list)
 
     @property
     def new_findings(self) -> list[StoredFinding]:
@@ -170,6 +186,7 @@ class FuzzReport:
                 "seconds": s.seconds, "executions": s.executions, "exec_per_s": s.exec_per_s,
                 "coverage": s.coverage, "features": s.features, "semantic": s.semantic,
                 "corpus_size": s.corpus_size, "restarts": s.restarts, "reason": s.reason,
+                "sanitized": s.sanitized, "sanitizer_errors": s.sanitizer_errors,
                 "findings": [f.to_json() for f in self.findings], "log": str(self.log)}
 
 
@@ -302,11 +319,30 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def _merge_sanitizer(status: FuzzStatus, sanitizer: BackgroundSanitizer | None) -> None:
+    """The sanitizer's counters and findings into `status` (idempotent: the watcher keeps the
+    list of the last poll when the status file could not be read)."""
+    if sanitizer is None:
+        return
+    status.sanitized, status.sanitizer_errors = sanitizer.sanitized, sanitizer.errors
+    status.sanitizer_pending = sanitizer.pending
+    own = {f.signature for f in sanitizer.findings}
+    status.findings = [f for f in status.findings if f.signature not in own] + \
+        list(sanitizer.findings)
+
+
 def fuzz(config: FuzzConfig, progress: Progress | None = None) -> FuzzReport:
     """Run the fuzzer as `config` says; `progress(status)` is called about 4 times a second
     and may return True to stop the run. Raises `ConfigError` for a bad configuration,
-    `UnknownVariant` for a bad variant and `HarnessError` if the fuzzing process fails."""
+    `UnknownVariant` for a bad variant, `SanitizerUnavailable` (before anything starts) when
+    `sanitizer_every` is on and memcheck cannot run here, and `HarnessError` if the fuzzing
+    process fails."""
+    from harness.fuzz.sanitize import BackgroundSanitizer, check_available, is_sanitizer_signature
+    from harness.sanitizer import SanitizerConfig
+
     config = config.resolved()
+    if config.sanitizer_every:
+        check_available(config.backend, SanitizerConfig())
     findings_dir, corpus_dir = config.findings_dir, config.corpus_dir
     run_dir = findings_dir / RUN_DIR
     for d in (findings_dir, corpus_dir, run_dir):
@@ -318,6 +354,12 @@ def fuzz(config: FuzzConfig, progress: Progress | None = None) -> FuzzReport:
 
     watcher = _Watcher(run_dir, corpus_dir)
     minimizer = _Minimizer(config)
+    sanitizer = None
+    if config.sanitizer_every:  # before the child starts: its corpus files are all new
+        sanitizer = BackgroundSanitizer(
+            config.sanitizer_every, config.backend, config.bugs,
+            FindingStore(findings_dir, config.backend, config.bugs, config.seed), corpus_dir,
+            run_dir / SANITIZE_DIR, codec_limits(config.backend))
     # the child imports what we import (a user's target module, a checkout on PYTHONPATH)
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p and os.path.exists(p))}
@@ -336,7 +378,11 @@ def fuzz(config: FuzzConfig, progress: Progress | None = None) -> FuzzReport:
             status = watcher.poll()
             if config.minimize:
                 for f in status.findings:
-                    minimizer.submit(f.signature)
+                    if not is_sanitizer_signature(f.signature):
+                        minimizer.submit(f.signature)
+            if sanitizer is not None:
+                sanitizer.poll(status.findings, status.seconds, status.executions)
+                _merge_sanitizer(status, sanitizer)
             if progress is not None and progress(status) and not stopped:
                 stopped = True
                 _stop(proc)
@@ -357,7 +403,17 @@ def fuzz(config: FuzzConfig, progress: Progress | None = None) -> FuzzReport:
         status.reason = "stopped" if stopped else "run budget"
     if config.minimize:
         for f in status.findings:
-            minimizer.submit(f.signature)
+            if not is_sanitizer_signature(f.signature):
+                minimizer.submit(f.signature)
+    if sanitizer is not None:  # while the minimiser works
+        def tick() -> None:
+            _merge_sanitizer(status, sanitizer)
+            if progress is not None:
+                progress(status)
+
+        sanitizer.wait(status.findings, status.seconds, status.executions, tick)
+        _merge_sanitizer(status, sanitizer)
+    if config.minimize:
         minimizer.join(config.minimize_seconds * max(1, len(status.findings)) + 30)
     new = {f.signature: f for f in status.findings}
     for sig, path in minimizer.done.items():
@@ -366,7 +422,8 @@ def fuzz(config: FuzzConfig, progress: Progress | None = None) -> FuzzReport:
     findings = [f for f in earlier if f.signature not in new] + list(new.values())
     if progress is not None:
         progress(status)
-    return FuzzReport(config, status, findings, watcher.log_path, minimizer.errors)
+    return FuzzReport(config, status, findings, watcher.log_path, minimizer.errors,
+                      sanitizer.problems if sanitizer is not None else [])
 
 
 # -- the child ---------------------------------------------------------------------------------
