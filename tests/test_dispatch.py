@@ -213,3 +213,32 @@ def test_combine_skips_poison_and_garbage_token_indices():
     expected.index_add_(0, real, torch.ones(real.numel()))
     expected[int(out.recv_token_index[0, 0, 0])] -= 1
     torch.testing.assert_close(got[:, 0], expected)
+
+
+@pytest.mark.parametrize("T,extra", [(1, 0), (9, 0), (40, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bugs", [BugSet(), UNSANITIZED], ids=["fixed", "unsanitized"])
+def test_one_rank_prefix_copy_is_the_general_send(monkeypatch, T, extra, dtype, bugs):
+    """Without expert parallelism, with every id owned, the stage copies prefixes instead of
+    scattering: the buffers, counters and coverage must be the general path's."""
+    import harness.chain.dispatch as dispatch
+
+    override = torch.tensor([[T - 1 if T > 1 else 0]], dtype=torch.int32)
+    for ov in (None, override, torch.tensor([[T + extra + 3]])):
+        inp = make_input(T, 8, 3, 1, seed=T, extra_slots=extra, wild=False, override=ov,
+                         dtype=dtype)
+        assert dispatch._send_all_to_one_rank(inp, dispatch._buffers(inp)) is not None
+        fast, fast_ctx = run(inp, bugs)
+        with monkeypatch.context() as m:
+            m.setattr(dispatch, "_send_all_to_one_rank", lambda *a: None)
+            slow, slow_ctx = run(inp, bugs)
+        for name in ("recv_topk_ids", "recv_topk_weights", "recv_hidden", "recv_token_index",
+                     "recv_counters"):
+            a, b = getattr(fast, name), getattr(slow, name)
+            assert a.dtype == b.dtype and torch.equal(a.view(torch.int8), b.view(torch.int8))
+        assert fast_ctx.coverage == slow_ctx.coverage
+    # an id outside [0, E) takes the general path: the token with only it is not sent
+    inp = make_input(5, 8, 1, 1, seed=1, wild=False)
+    inp.topk_ids[2] = 9
+    out, ctx = run(inp)
+    assert ctx.coverage["dispatch.tokens_unsent"] == 1 and int(out.recv_counters) == 4

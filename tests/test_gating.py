@@ -255,9 +255,12 @@ def check_against_loops(logits: torch.Tensor, K: int, scoring: str, bias: torch.
 SPECIAL = [NAN, INF, -INF, 0.0, 0.5, -0.5, 1.0, 2.0, -3.0, 40.0]
 
 
+@pytest.mark.parametrize("keys", [False, True], ids=["max", "keys"])
 @pytest.mark.parametrize("bugs", [BugSet(), VARIANT], ids=["fixed", "variant"])
 @pytest.mark.parametrize("E", [1, 2, 4, 8, 32, 64, 192, 512, 3, 6, 60, 300, 1000])
-def test_matches_kernel_loops(E: int, bugs: BugSet) -> None:
+def test_matches_kernel_loops(monkeypatch, E: int, bugs: BugSet, keys: bool) -> None:
+    """Small NaN-free chunks take torch's max per row, or (forced) order keys."""
+    monkeypatch.setattr(gating, "_KEYS_MIN_ELEMS", 0 if keys else 1 << 30)
     g = torch.Generator().manual_seed(E)
     T = 6
     pick = torch.randint(0, len(SPECIAL), (T, E), generator=g)
@@ -288,6 +291,7 @@ def test_lane_path_matches_kernel_loops(monkeypatch, E: int) -> None:
 @given(data=st.data(), E=st.sampled_from([1, 2, 4, 8, 16, 64, 3, 5, 12, 257]),
        scoring=st.sampled_from(["softmax", "sigmoid"]), variant=st.booleans())
 def test_loops_on_special_values(data, E: int, scoring: str, variant: bool) -> None:
+    keys = data.draw(st.booleans())  # NaN-free chunks by torch's max or by order keys
     values = st.sampled_from([*SPECIAL, -20000.0, -10000.0])
     T = data.draw(st.integers(1, 3))
     K = data.draw(st.integers(1, min(E, 10)))
@@ -296,7 +300,12 @@ def test_loops_on_special_values(data, E: int, scoring: str, variant: bool) -> N
     bias = None
     if data.draw(st.booleans()):  # NaN, Inf and below-the-mask biases too
         bias = torch.tensor(data.draw(st.lists(values, min_size=E, max_size=E)))
-    check_against_loops(logits, K, scoring, bias, VARIANT if variant else BugSet())
+    saved = gating._KEYS_MIN_ELEMS
+    gating._KEYS_MIN_ELEMS = 0 if keys else 1 << 30
+    try:
+        check_against_loops(logits, K, scoring, bias, VARIANT if variant else BugSet())
+    finally:
+        gating._KEYS_MIN_ELEMS = saved
 
 
 def test_fast_lane_reduction_equals_butterfly() -> None:
@@ -364,3 +373,70 @@ def test_chunked_rows_agree(monkeypatch, E: int, bugs: BugSet) -> None:
         ref_ids, ref_w = reference(logits, 7, "softmax", True, bias)
         assert torch.equal(chunked[0], ref_ids)
         torch.testing.assert_close(chunked[1], ref_w)
+
+
+# -- order keys: one integer max per round instead of torch's max with indices -----------------
+
+KEY_POOL = [0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-40, 3e38, -3e38, INF, -INF, 1.0, -1.0, 0.5,
+            -10000.0, -20000.0, 1e-30, -1e-30]
+
+
+def max_rounds(values: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rounds as torch's first maximum finds them: winners [n, K], winning values [K, n]."""
+    values, won, best = values.clone(), [], []
+    for _ in range(K):
+        b, w = values.max(1)
+        won.append(w)
+        best.append(b)
+        values.scatter_(1, w.view(-1, 1), -10000.0)
+    return torch.stack(won, 1), torch.stack(best)
+
+
+@pytest.mark.parametrize("E", [1, 2, 7, 32, 64, 128, 300])
+def test_order_key_rounds_equal_first_max_rounds(E: int) -> None:
+    """Ties, +-0, denormals, huge, infinite and below-the-mask values: same winners, same
+    winning values (+0 for -0: equal under `==`), weights gathered from the scores."""
+    g = torch.Generator().manual_seed(E)
+    T, K = 200, min(E, 9)
+    values = torch.tensor(KEY_POOL)[torch.randint(0, len(KEY_POOL), (T, E), generator=g)]
+    values[:50] = torch.randn((50, E), generator=g)
+    values[50:60] = -0.0
+    values[60:70] = torch.round(torch.randn((10, E), generator=g))
+    scores = torch.rand((T, E), generator=g)
+    buf = gating._key_buffer(T + 3, E)
+    for _ in range(2):  # a buffer is reused from chunk to chunk
+        keys = gating._order_keys(values, buf)
+        (won, weights, best), total = gating._key_rounds(keys, scores, K)
+    ref_won, ref_best = max_rounds(values, K)
+    assert torch.equal(won, ref_won)
+    assert torch.equal(best, ref_best)  # -0.0 == 0.0
+    assert torch.equal(weights, scores.gather(1, ref_won))
+    ref_total = torch.zeros(T)
+    for k in range(K):
+        ref_total += weights[:, k]
+    assert torch.equal(total, ref_total)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("E", [64, 128, 512])
+def test_order_keys_and_lanes_agree(monkeypatch, dtype: str, E: int) -> None:
+    """The whole stage with order keys, with torch's max per row and with the lanes (each
+    forced): ids, weights bitwise and coverage identical, on special values and below-the-mask
+    biases."""
+    g = torch.Generator().manual_seed(E)
+    pool = torch.tensor([*SPECIAL, -0.0, 1e-40, 3e38, -3e38, 60000.0])
+    logits = pool[torch.randint(0, len(pool), (40, E), generator=g)].to(DTYPES[dtype])
+    bias = torch.tensor([0.0, -20000.0, -10000.0, 1e-40, -0.0])[
+        torch.randint(0, 5, (E,), generator=g)]
+    for scoring in ("softmax", "sigmoid"):
+        for b in (None, bias):
+            outs = []
+            for rowwise, keys in ((1 << 30, 0), (1 << 30, 1 << 30), (0, 0)):
+                with monkeypatch.context() as m:
+                    m.setattr(gating, "_ROWWISE_ELEMS", rowwise)
+                    m.setattr(gating, "_KEYS_MIN_ELEMS", keys)
+                    outs.append(run(logits, 8, scoring, True, b))
+            for other in outs[1:]:
+                assert torch.equal(outs[0][0], other[0])
+                assert torch.equal(outs[0][1].view(torch.int32), other[1].view(torch.int32))
+                assert outs[0][2].coverage == other[2].coverage

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from harness.bugs import BugSet
-from harness.chain import StageContext, geometry
+from harness.chain import StageContext, geometry, sort_align
 from harness.chain.sort_align import SortAlignInput, sort_align_cpu
 from harness.memory import POISON_I32
 
@@ -207,3 +207,26 @@ def test_property_fixed_path(N, K, E, log_bs, owned_fraction, seed):
     assert torch.equal(out.expert_counts.long(), counts)
     assert torch.equal(out.aligned_offsets.long(), aligned)
     check_layout(out, ids, E_l, bs)
+
+
+@pytest.mark.parametrize("N", [257, 600, 1500])
+@pytest.mark.parametrize("K,E", [(1, 4), (4, 6), (8, 16)])
+def test_fixed_three_step_model_is_the_single_block(N, K, E):
+    """The stage runs the three-step model only to drop duplicates; fixed, it must give the
+    single block's layout on anything (duplicates, skipped and wild ids included)."""
+    ids, expert_map, E_l = random_case(N * K + E, N, K, E)
+    local = sort_align._local_ids(SortAlignInput(ids, expert_map, E_l, 4))
+    totals = torch.bincount(local, minlength=E_l + 1)
+    ctx = StageContext()
+    three = sort_align._three_step(local, totals, 4, K, False, ctx)
+    single = sort_align._single_block(local, totals, 4, K)
+    assert three[-1] == single[-1] and (K == 1 or single[-1] > 0)
+    for a, b in zip(three[:3], single[:3], strict=True):  # counts and offsets
+        assert torch.equal(a, b)
+    maps = []
+    for out in (three, single):  # the kept rows come in each path's order: compare the maps
+        position = torch.full((N * K,), -1)
+        position[out[3]] = out[4]
+        maps.append((position, out[5].sort().values))
+    assert torch.equal(maps[0][0], maps[1][0]) and torch.equal(maps[0][1], maps[1][1])
+    assert not ctx.coverage

@@ -78,38 +78,12 @@ def dispatch_cpu(inp: DispatchInput, ctx: StageContext) -> DispatchOutput:
     H = inp.hidden_states.shape[1]
     ep, M = inp.ep_size, inp.max_tokens_per_rank
     launches = geometry.validate(geometry.dispatch_launches(ep, M))
-    P = -(-T // ep)
-
-    # senders: token t of source s goes to every rank owning one of its ids (column ep:
-    # nobody); its slot there is the running count of the tokens s sent to that rank
-    owner = _owners(inp)
-    sent = torch.zeros((ep * P, ep + 1), dtype=torch.bool)
-    sent[:T].scatter_(1, owner, True)
-    sent = sent[:, :ep].reshape(ep, P, ep)  # [src, token of src, dst]
-    slots = sent.cumsum(1, dtype=torch.int32)
-    true_counts = slots[:, -1].t()  # [dst, src]
-    token, dst = sent.view(ep * P, ep).nonzero().unbind(1)  # in token order per (src, dst)
-    src = token // P
-    slot = slots.view(ep * P, ep)[token, dst] - 1
-    if M < P:  # a receive buffer too small for a source's tokens: the extra are dropped
-        fits = (slot < M).nonzero().squeeze(1)
-        ctx.cover("dispatch.slot_overflow", slot.numel() - fits.numel())
-        src, dst, slot, token = (t.index_select(0, fits) for t in (src, dst, slot, token))
-    row = (dst * ep + src) * M + slot  # flat [dst, src, slot]
-
-    # receive buffers: padding keeps what an earlier step left (ids, weights) or poison;
-    # the scatter indices are the stage's own, in range by construction
-    ids_buf = CheckedBuffer(STAGE, "recv_topk_ids", ep * ep * M * K, torch.int32,
-                            fill=inp.recv_garbage.to(torch.int32))
-    w_buf = CheckedBuffer(STAGE, "recv_topk_weights", ep * ep * M * K, torch.float32,
-                          fill=inp.recv_garbage * 2**-10)  # stale weights: finite garbage
-    h_buf = CheckedBuffer(STAGE, "recv_hidden", ep * ep * M * H, inp.hidden_states.dtype)
-    tok_buf = CheckedBuffer(STAGE, "recv_token_index", ep * ep * M, torch.int32)
-    ids_buf.view(-1, K).index_copy_(0, row, inp.topk_ids.index_select(0, token).to(torch.int32))
-    w_buf.view(-1, K).index_copy_(0, row, inp.topk_weights.index_select(0, token).float())
-    h_buf.view(-1, H).index_copy_(0, row, inp.hidden_states.index_select(0, token))
-    tok_buf.data.index_copy_(0, row, token.to(torch.int32))
-    recv_ids, recv_tok = ids_buf.view(ep, ep, M, K), tok_buf.view(ep, ep, M)
+    bufs = _buffers(inp)
+    sent = _send_all_to_one_rank(inp, bufs) if ep == 1 and M >= T else None
+    if sent is None:
+        sent = _send(inp, ctx, bufs)
+    true_counts, unowned, unsent, one = sent
+    recv_ids, recv_tok = bufs[0].view(ep, ep, M, K), bufs[3].view(ep, ep, M)
 
     counters = true_counts.clone(memory_format=torch.contiguous_format)
     if inp.recv_counters_override is not None:  # what the senders reported instead
@@ -125,24 +99,97 @@ def dispatch_cpu(inp: DispatchInput, ctx: StageContext) -> DispatchOutput:
     # a2a_sanitize: one thread per (dst, src, slot) over grid (ceil(M / 256), ep, ep); the
     # counter is clamped to [0, M] before it bounds anything
     limit = counters.clamp(0, M)
-    padding = torch.arange(M, dtype=torch.int32) >= limit[..., None]
-    if not ctx.bugs.on("a2a-unsanitized-padding"):
-        recv_ids[padding] = -1
+    sanitize = not ctx.bugs.on("a2a-unsanitized-padding")
+    if ep == 1 and inp.recv_counters_override is None:  # one buffer: its tail is the padding
+        kept = int(limit)
+        if sanitize:
+            recv_ids.view(M, K)[kept:] = -1
+        empty = int(int(true_counts) == 0)
+    else:
+        padding = torch.arange(M, dtype=torch.int32) >= limit[..., None]
+        if sanitize:
+            recv_ids[padding] = -1
+        empty, kept = torch.stack([(true_counts.sum(1) == 0).count_nonzero(),
+                                   limit.sum()]).tolist()
+    if sanitize:
         ctx.cover("dispatch.sanitize_launches", len(launches))
 
-    ranks_per_token = torch.bincount(sent.sum(2).view(-1)[:T], minlength=2)
-    unowned, empty, kept, unsent, one = torch.cat([torch.stack([
-        (owner == ep).count_nonzero(), (true_counts.sum(1) == 0).count_nonzero(), limit.sum()]),
-        ranks_per_token[:2]]).tolist()
     stats = {"padding_slots": ep * ep * M - kept, "unowned_ids": unowned,
              "tokens_unsent": unsent, "tokens_multi_rank": T - unsent - one,
              "empty_ranks": empty}
-    if not ctx.bugs.on("a2a-unsanitized-padding"):
+    if sanitize:
         stats["sanitized_slots"] = stats["padding_slots"]
     for name, n in stats.items():
         ctx.cover(f"dispatch.{name}", n)
-    return DispatchOutput(recv_ids, w_buf.view(ep, ep, M, K), h_buf.view(ep, ep, M, H),
+    return DispatchOutput(recv_ids, bufs[1].view(ep, ep, M, K), bufs[2].view(ep, ep, M, H),
                           recv_tok, counters)
+
+
+_Buffers = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+#: (true recv counters [dst, src], unowned ids, tokens sent nowhere, tokens sent to one rank)
+_Sent = tuple[torch.Tensor, int, int, int]
+
+
+def _buffers(inp: DispatchInput) -> _Buffers:
+    """The flat receive buffers (ids, weights, hidden, token index), as an earlier step left
+    them: padding keeps stale ids and weights, or poison."""
+    ep, M, K = inp.ep_size, inp.max_tokens_per_rank, inp.topk_ids.shape[1]
+    H = inp.hidden_states.shape[1]
+    return (CheckedBuffer(STAGE, "recv_topk_ids", ep * ep * M * K, torch.int32,
+                          fill=inp.recv_garbage.to(torch.int32)).data,
+            CheckedBuffer(STAGE, "recv_topk_weights", ep * ep * M * K, torch.float32,
+                          fill=inp.recv_garbage * 2**-10).data,  # stale weights: finite garbage
+            CheckedBuffer(STAGE, "recv_hidden", ep * ep * M * H, inp.hidden_states.dtype).data,
+            CheckedBuffer(STAGE, "recv_token_index", ep * ep * M, torch.int32).data)
+
+
+def _send_all_to_one_rank(inp: DispatchInput, bufs: _Buffers) -> _Sent | None:
+    """`_send` without expert parallelism where rank 0 owns every id and has a slot for every
+    token (M >= T): token t lands in slot t, so the scatters are prefix copies. None when an
+    id is not owned (the general `_send` then decides who gets what)."""
+    T, K = inp.topk_ids.shape
+    lo, hi = torch.aminmax(inp.topk_ids)
+    if int(lo) < 0 or int(hi) >= inp.rank_of_expert.numel() or bool(inp.rank_of_expert.any()):
+        return None
+    bufs[0][:T * K] = inp.topk_ids.reshape(-1)
+    bufs[1][:T * K] = inp.topk_weights.reshape(-1)
+    bufs[2][:inp.hidden_states.numel()] = inp.hidden_states.reshape(-1)
+    torch.arange(T, out=bufs[3][:T])
+    return torch.full((1, 1), T, dtype=torch.int32), 0, 0, T
+
+
+def _send(inp: DispatchInput, ctx: StageContext, bufs: _Buffers) -> _Sent:
+    """The senders: token t of source s goes to every rank owning one of its ids, into the
+    slot of the running count of the tokens s sent to that rank; rows, weights, hidden rows
+    and token indices are scattered into the receive buffers."""
+    T, K = inp.topk_ids.shape
+    H = inp.hidden_states.shape[1]
+    ep, M = inp.ep_size, inp.max_tokens_per_rank
+    P = -(-T // ep)
+    owner = _owners(inp)  # column ep: nobody
+    sent = torch.zeros((ep * P, ep + 1), dtype=torch.bool)
+    sent[:T].scatter_(1, owner, True)
+    sent = sent[:, :ep].reshape(ep, P, ep)  # [src, token of src, dst]
+    slots = sent.cumsum(1, dtype=torch.int32)
+    true_counts = slots[:, -1].t()  # [dst, src]
+    token, dst = sent.view(ep * P, ep).nonzero().unbind(1)  # in token order per (src, dst)
+    src = token // P
+    slot = slots.view(ep * P, ep)[token, dst] - 1
+    if M < P:  # a receive buffer too small for a source's tokens: the extra are dropped
+        fits = (slot < M).nonzero().squeeze(1)
+        ctx.cover("dispatch.slot_overflow", slot.numel() - fits.numel())
+        src, dst, slot, token = (t.index_select(0, fits) for t in (src, dst, slot, token))
+    row = (dst * ep + src) * M + slot  # flat [dst, src, slot]
+    # the scatter indices are the stage's own, in range by construction
+    ids, w, h, tok = bufs
+    ids.view(-1, K).index_copy_(0, row, inp.topk_ids.index_select(0, token).to(torch.int32))
+    w.view(-1, K).index_copy_(0, row, inp.topk_weights.index_select(0, token).float())
+    h.view(-1, H).index_copy_(0, row, inp.hidden_states.index_select(0, token))
+    tok.index_copy_(0, row, token.to(torch.int32))
+    ranks_per_token = torch.bincount(sent.sum(2).view(-1)[:T], minlength=2)
+    unowned, unsent, one = torch.cat([(owner == ep).count_nonzero().view(1),
+                                      ranks_per_token[:2]]).tolist()
+    return true_counts, unowned, unsent, one
 
 
 @dataclass(eq=False)

@@ -40,10 +40,15 @@ from harness.errors import ContractError
 from harness.memory import CheckedBuffer
 
 _MASKED = -10000.0  # what topkGatingSoftmax writes over a chosen expert's value
+#: the high word of an order key (`_order_keys`) of _MASKED: its bits 0xC61C4000, made monotone
+_MASKED_KEY = ((0xC61C4000 - (1 << 32)) ^ 0x7FFFFFFF) << 32
 _NEG_INF = float("-inf")
 _POS_INF = float("inf")
 #: NaN-free chunks of at most this many scores select by one max over each row per round
 _ROWWISE_ELEMS = 1 << 17
+#: NaN-free chunks of at least this many scores select by order keys (`_order_keys`): their
+#: preparation costs more than it saves on smaller ones
+_KEYS_MIN_ELEMS = 1 << 14
 #: rows are independent: the model runs them in chunks of about 8 MiB of fp32 scores, so every
 #: temporary stays in cache and out of fresh (page-faulting) allocations at T = 400,000
 _CHUNK_ELEMS = 1 << 21
@@ -164,7 +169,14 @@ def _outputs(T: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
             CheckedBuffer("gating", "topk_weights", T * K, torch.float32).view(T, K))
 
 
-_Rounds = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
+#: a chunk's rounds: winners [n, K], their weights [n, K], the winning values [K, n]
+_Rounds = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+_RoundLists = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
+
+
+def _stacked(rounds: _RoundLists) -> _Rounds:
+    """Per-round lists (winners, weights, winning values) as a chunk's `_Rounds`."""
+    return torch.stack(rounds[0], 1), torch.stack(rounds[1], 1), torch.stack(rounds[2])
 
 
 def _record(inp: GatingInput, tally: _Tally, ids: torch.Tensor, weights: torch.Tensor,
@@ -172,9 +184,9 @@ def _record(inp: GatingInput, tally: _Tally, ids: torch.Tensor, weights: torch.T
     """Write a chunk's rounds (winners, weights, winning values) into its output rows and
     renormalise: weights / (sum > 0 ? sum : 1), the sum accumulated in fp32 in selection
     order as lane 0 does."""
-    ids.copy_(torch.stack(rounds[0], 1))
-    weights.copy_(torch.stack(rounds[1], 1))
-    best = torch.stack(rounds[2])  # [K, n]
+    ids.copy_(rounds[0])
+    weights.copy_(rounds[1])
+    best = rounds[2]  # [K, n]
     nonfinite = (best * 0).isnan()  # x * 0 is NaN exactly for NaN and +-Inf
     tally.add("gating.round.nonfinite_winner", nonfinite.sum())
     # a round won with the previous round's (finite) value: the two tied, the index decided
@@ -210,6 +222,60 @@ def _run_chunks(inp: GatingInput, ctx: StageContext, T: int, E: int,
 
 
 # -- warp path (topkGatingSoftmax) ---------------------------------------------------------------
+
+
+def _key_buffer(rows: int, E: int) -> torch.Tensor:
+    """A buffer for `_order_keys` [rows, E, 2] int32 whose low words hold E - 1 - index: they
+    never change (the -10000 mask keeps them), so they are written once."""
+    buf = torch.empty((rows, E, 2), dtype=torch.int32)
+    buf[..., 0] = torch.arange(E - 1, -1, -1, dtype=torch.int32)
+    return buf
+
+
+def _order_keys(values: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """int64 keys [n, E] of a NaN-free `values` [n, E] (written into `buf` from `_key_buffer`)
+    whose order is the rounds' comparison: value descending, then index ascending.
+
+    High word: the value's bits made monotone (negative floats' magnitude bits flipped), after
+    `+ 0.0` turns -0.0 into +0.0, which `>` and `==` cannot tell apart; low word: E - 1 - index.
+    One integer max then finds a row's first maximum (torch's max with indices costs ~8x more
+    per element), and the transform is its own inverse, so a key gives back its value."""
+    n = values.shape[0]
+    keys = buf[:n]
+    bits = (values + 0.0).view(torch.int32)
+    keys[..., 1] = bits ^ (bits >> 31).bitwise_and_(0x7FFFFFFF)  # contiguous, then copied
+    return keys.view(torch.int64).view(n, values.shape[1])
+
+
+def _key_rounds(keys: torch.Tensor, scores: torch.Tensor, K: int) -> tuple[_Rounds, torch.Tensor]:
+    """The K rounds on order keys (`_order_keys`): a round's winner is the max key, masked
+    with the -10000 key (same index) before the next round. Identical to K rounds of the
+    first maximum over the values, masked ones included (the mask value ties like any other)."""
+    n, E = keys.shape
+    won, winners = [], []
+    for k in range(K):
+        m = keys.amax(1)
+        low = m & 0xFFFFFFFF  # E - 1 - winner
+        winner = (E - 1) - low
+        won.append(m)
+        winners.append(winner)
+        if k + 1 < K:
+            keys.scatter_(1, winner.view(n, 1), (low + _MASKED_KEY).view(n, 1))
+    hi = torch.stack(won).view(torch.int32).view(K, n, 2)[..., 1].contiguous()
+    best = (hi ^ (hi >> 31).bitwise_and_(0x7FFFFFFF)).view(torch.float32)  # [K, n]
+    return _weighed(scores, torch.stack(winners, 1), best)
+
+
+def _weighed(scores: torch.Tensor, winners: torch.Tensor, best: torch.Tensor
+             ) -> tuple[_Rounds, torch.Tensor]:
+    """The rounds (winners [n, K], winning values [K, n]) with their weights, the unbiased
+    scores of the winners, and the renormalisation sum lane 0 accumulates in selection
+    order."""
+    weights = scores.gather(1, winners)
+    total = torch.zeros(winners.shape[0], dtype=torch.float32)
+    for k in range(winners.shape[1]):
+        total += weights[:, k]
+    return (winners, weights, best), total
 
 
 def _first_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,14 +327,16 @@ def _warp_path(inp: GatingInput, ctx: StageContext) -> GatingOutput:
     """Lane l holds experts [l*vpt, (l+1)*vpt); per round each lane's running max, the
     butterfly to lane 0, and the owner lane's -10000 mask. Only the winner's lane changes
     between rounds, so only its running max is recomputed. A NaN-free chunk is an order, where
-    lanes and butterfly yield the row's first maximum: small ones take it in one op per round
-    (the lanes are kept where a NaN makes the reduction order matter, and on large chunks)."""
+    lanes and butterfly yield the row's first maximum: small ones take it as one integer max
+    of order keys per round (`_order_keys`; the lanes are kept where a NaN makes the reduction
+    order matter, and on large chunks)."""
     T, E, K = _launch(inp)
     lanes, vpt = geometry.warp_layout(E)
     lane_base = torch.arange(0, lanes * vpt, vpt)
     step = max(1, min(T, _CHUNK_ELEMS // E))
     scores_buf = torch.empty((step, E), dtype=torch.float32)
     values_buf = torch.empty((step, E), dtype=torch.float32)  # what the arg-max compares
+    keys_buf: list[torch.Tensor] = []  # the order keys' buffer, made on first use
     nan_seen = False
 
     def select(rows: slice, tally: _Tally) -> tuple[_Rounds, torch.Tensor]:
@@ -278,8 +346,13 @@ def _warp_path(inp: GatingInput, ctx: StageContext) -> GatingOutput:
         has_nan = _selection(inp, scores, values, _score(inp, ctx, rows, scores))
         nan_seen |= has_nan
         # NaN-free, the lanes' running maxima and the butterfly find the row's first maximum
-        # (see _lane_argmax): on small chunks one max over the row per round costs less
+        # (see _lane_argmax): on small chunks one max over the row per round costs less, as
+        # one integer max of order keys from _KEYS_MIN_ELEMS scores on
         rowwise = not has_nan and (vpt == 1 or n * E <= _ROWWISE_ELEMS)
+        if rowwise and n * E >= _KEYS_MIN_ELEMS:
+            if not keys_buf:
+                keys_buf.append(_key_buffer(step, E))
+            return _key_rounds(_order_keys(values, keys_buf[0]), scores, K)
         if not rowwise and vpt == 1:  # a lane's max is its one value: a view, masked in place
             lane_val, lane_idx = values, lane_base.expand(n, E)
         elif not rowwise:
@@ -287,20 +360,18 @@ def _warp_path(inp: GatingInput, ctx: StageContext) -> GatingOutput:
             lane_idx = pos.add_(lane_base)
             lane_rows = values.view(n * lanes, vpt)  # lane r*lanes + l of row r
             first_lane = torch.arange(0, n * lanes, lanes).view(n, 1)
-        total = torch.zeros(n, dtype=torch.float32)
-        rounds: _Rounds = ([], [], [])
+        won: list[torch.Tensor] = []
+        bests: list[torch.Tensor] = []
         for k in range(K):
-            if rowwise:
+            if rowwise:  # torch's max returns the first maximal index
                 best, winner = values.max(1)
             elif has_nan:
                 best, winner = _butterfly(lane_val, lane_idx)
             else:
                 best, winner = _lane_argmax(lane_val, lane_idx)
             col = winner.view(n, 1)
-            weight = scores.gather(1, col).view(n)
-            for acc, x in zip(rounds, (winner, weight, best), strict=True):
-                acc.append(x)
-            total += weight
+            won.append(col)
+            bests.append(best)
             if k + 1 == K:
                 break
             # the lane owning the winner masks it; only that lane's running max changes
@@ -311,7 +382,7 @@ def _warp_path(inp: GatingInput, ctx: StageContext) -> GatingOutput:
                                  has_nan)
                 lane_val.scatter_(1, lane, v.view(n, 1))
                 lane_idx.scatter_(1, lane, p.view(n, 1).add_(lane_base[lane]))
-        return rounds, total
+        return _weighed(scores, torch.cat(won, 1), torch.stack(bests))
 
     out = _run_chunks(inp, ctx, T, E, select)
     ctx.cover("gating.select.nan", nan_seen)
@@ -359,7 +430,7 @@ def _fallback_path(inp: GatingInput, ctx: StageContext) -> GatingOutput:
             thr_key = s.mul_(threads).add_(thread_ids)
         row_start = torch.arange(rows.start, rows.stop).mul_(E)
         total = torch.zeros(n, dtype=torch.float32)
-        rounds: _Rounds = ([], [], [])
+        rounds: _RoundLists = ([], [], [])
         for k in range(K):
             if strides == 1:  # thread t holds key t: the first maximal thread has the lowest
                 best, key = thr_val.max(1)  # key, and (0, -inf) when nothing beats -inf
@@ -382,7 +453,7 @@ def _fallback_path(inp: GatingInput, ctx: StageContext) -> GatingOutput:
                 v, s = _first_max(by_thread.gather(1, t.view(n, 1, 1).expand(n, 1, strides)))
                 thr_val.scatter_(1, t, v)
                 thr_key.scatter_(1, t, s.mul_(threads).add_(t.int()))
-        return rounds, total
+        return _stacked(rounds), total
 
     out = _run_chunks(inp, ctx, T, E, select)
     ctx.cover("gating.select.nan", nan_seen)

@@ -96,12 +96,11 @@ def _offsets(counts: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]
     return offsets[0], offsets[1]
 
 
-def _single_block(local: torch.Tensor, totals: torch.Tensor, bs: int, K: int,
-                  ctx: StageContext):
+def _single_block(local: torch.Tensor, totals: torch.Tensor, bs: int, K: int):
     """One block counts, scans and scatters: a stable counting sort by local expert.
 
     Returns (expert_counts, expert_offsets, aligned_offsets, kept expanded rows, their aligned
-    positions, skipped expanded rows)."""
+    positions, skipped expanded rows, duplicate slots)."""
     E_l = totals.numel() - 1
     skey, order = torch.sort(local, stable=True)  # skipped (bucket E_l) last
     counts = totals[:E_l]
@@ -110,8 +109,8 @@ def _single_block(local: torch.Tensor, totals: torch.Tensor, bs: int, K: int,
     x, e = order[:n], skey[:n]
     position = (aligned_offsets - expert_offsets)[:-1].index_select(0, e) + torch.arange(n)
     row = x // K  # a row's duplicates are neighbours in this order
-    ctx.cover("sort_align.duplicates", int(((e[1:] == e[:-1]) & (row[1:] == row[:-1])).sum()))
-    return counts, expert_offsets, aligned_offsets, x, position, order[n:]
+    n_dup = int(((e[1:] == e[:-1]) & (row[1:] == row[:-1])).sum())
+    return counts, expert_offsets, aligned_offsets, x, position, order[n:], n_dup
 
 
 def _three_step(local: torch.Tensor, totals: torch.Tensor, bs: int, K: int,
@@ -119,7 +118,13 @@ def _three_step(local: torch.Tensor, totals: torch.Tensor, bs: int, K: int,
     """blockExpertPrefixSum, global prefix, merge, over blocks of SORT_THREADS rows.
 
     Same returns as `_single_block`; with `drop_duplicates` the dropped duplicate slots are
-    in neither the kept nor the skipped rows: nothing writes their entries."""
+    in neither the kept nor the skipped rows: nothing writes their entries.
+
+    Without dropping, the result is `_single_block`'s: blocks hold increasing expanded rows,
+    so (expert, block, row in block) is the order (expert, expanded row) of the single block's
+    stable sort, and a row (inside one block) has the same neighbours in both orders. The
+    stage runs this model only where it differs (`sort-duplicate-break` with duplicates);
+    tests hold the two equal everywhere else."""
     NK, E_l = local.numel(), totals.numel() - 1
     per_block = geometry.SORT_THREADS * K
     blocks = -(-NK // per_block)
@@ -136,7 +141,6 @@ def _three_step(local: torch.Tensor, totals: torch.Tensor, bs: int, K: int,
     dup = torch.zeros(n, dtype=torch.bool)
     dup[1:] = (skey[1:] == skey[:-1]) & (row[1:] == row[:-1])
     n_dup = int(dup.sum())
-    ctx.cover("sort_align.duplicates", n_dup)
     if drop_duplicates and n_dup:
         # the per-row search breaks at the first matching slot: a duplicate slot is neither
         # counted nor written (the fixed kernel counts a row's multiplicity)
@@ -154,7 +158,7 @@ def _three_step(local: torch.Tensor, totals: torch.Tensor, bs: int, K: int,
     group_start = group_counts.cumsum(0) - group_counts
     position = ((run_start.reshape(-1) - group_start).index_select(0, skey)
                 + torch.arange(skey.numel()))
-    return counts, expert_offsets, aligned_offsets, x, position, skipped
+    return counts, expert_offsets, aligned_offsets, x, position, skipped, n_dup
 
 
 def sort_align_cpu(inp: SortAlignInput, ctx: StageContext) -> SortAlignOutput:
@@ -174,13 +178,16 @@ def sort_align_cpu(inp: SortAlignInput, ctx: StageContext) -> SortAlignOutput:
     if geometry.sort_uses_three_step(N):
         ctx.cover("sort_align.path.three_step")
         ctx.cover("sort_align.blocks", -(-N // geometry.SORT_THREADS))
-        drop = ctx.bugs.on("sort-duplicate-break")
-        counts, expert_offsets, aligned_offsets, x, position, skipped = _three_step(
-            local, totals, bs, K, drop, ctx)
+        # the three-step result is the single block's unless duplicates are dropped (see
+        # _three_step): that one cheaper sort decides, and finds the duplicates
+        result = _single_block(local, totals, bs, K)
+        if result[-1] and ctx.bugs.on("sort-duplicate-break"):
+            result = _three_step(local, totals, bs, K, True, ctx)
     else:
         ctx.cover("sort_align.path.single_block")
-        counts, expert_offsets, aligned_offsets, x, position, skipped = _single_block(
-            local, totals, bs, K, ctx)
+        result = _single_block(local, totals, bs, K)
+    counts, expert_offsets, aligned_offsets, x, position, skipped, n_dup = result
+    ctx.cover("sort_align.duplicates", n_dup)
     num_tokens_post_pad, n_empty = torch.stack(
         [aligned_offsets[-1], (counts == 0).sum()]).tolist()
     ctx.cover("sort_align.empty_experts", n_empty)
