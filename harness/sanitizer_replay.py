@@ -146,17 +146,9 @@ def split_findings(findings: list[dict[str, Any]],
 
 def make_target(backend: str, checks: bool) -> Target:
     """The backend to replay on; the cuda one without redzones and poison if `checks` is off."""
-    if backend == "cuda":
-        try:
-            from harness.backends.cuda import CudaTarget
-        except ImportError as exc:
-            from harness.errors import BackendUnavailable
-
-            raise BackendUnavailable(f"the cuda backend is not available: {exc}") from None
-        return CudaTarget(coverage=False, checks=checks)
     from harness.backends import get_target
 
-    return get_target(backend)
+    return get_target(backend, coverage=False, checks=checks)
 
 
 def replay(manifest: dict[str, Any]) -> int:

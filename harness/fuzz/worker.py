@@ -348,33 +348,16 @@ class WorkerExecutor(Executor):
 
 
 def make_target(target: str, device_coverage: bool = True, graph: bool = False) -> Target:
-    """The target `target`: a backend name ("cpu", "cuda") or "module:factory", a callable
-    returning a `Target` (a user's own kernels). `device_coverage` switches the cuda backend's
-    coverage counters, `graph` its CUDA-graph replay (where the backend has one)."""
-    import importlib
-
+    """The target `target`: a backend name ("cpu", "cuda") or "module:attr" (a user's own
+    kernels, as `harness.replay.load_target` resolves it). `device_coverage` switches the cuda
+    backend's coverage counters, `graph` its CUDA-graph replay."""
     from harness.backends import get_target
 
     if ":" in target:
-        module, _, name = target.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as exc:
-            raise BackendUnavailable(f"cannot load target factory '{target}': {exc}") from None
-        return factory()
-    if target == "cuda" and not graph:
-        try:
-            from harness.backends.cuda import CudaTarget
-        except ImportError as exc:
-            raise BackendUnavailable(f"the cuda backend is not available: {exc}") from None
-        return CudaTarget(coverage=device_coverage)
-    if graph and target == "cuda":
-        try:
-            from harness.backends.cuda_graph import GraphTarget
-        except ImportError as exc:
-            raise BackendUnavailable(f"the cuda backend is not available: {exc}") from None
-        return GraphTarget(coverage=device_coverage)
-    return get_target(target, graph=graph)  # ConfigError for --graph on another backend
+        from harness.replay import load_target
+
+        return load_target(target)
+    return get_target(target, graph=graph, coverage=device_coverage)
 
 
 def make_executor(target: str, bugs: BugSet | tuple[str, ...] = (), *,
