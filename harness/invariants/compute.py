@@ -89,17 +89,27 @@ def finalize(rr: RankRun, dtype: torch.dtype, rep: Report) -> None:
         # NaN propagates: not judged
         torch.sum(v.abs_().amax(2) * wr.abs(), 1, out=scale[r0:r1])
     # a judged scale means every term read was finite and their sum cannot overflow
+    _judge_rows(rep, got, expected, scale, dtype,
+                "non-finite output from finite weights and expert outputs",
+                "output differs from sum_k w * expert_out[permuted_row]", "permuted_row", rows)
+
+
+def _judge_rows(rep: Report, got: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor,
+                dtype: torch.dtype, nonfinite_message: str, mismatch_message: str,
+                context_name: str, context: torch.Tensor) -> None:
+    """finite, matches-oracle over output rows whose `scale` is judged (NaN: not judged): a
+    non-finite row is reported once as such, not also as a mismatch; a mismatch names the
+    row's `context` (its permutation entries or routed ids) beside the oracle."""
     nonfinite = oracle.judged(scale) & ~finite(got).all(1)
     bad = oracle.row_mismatches(got, expected, scale, dtype) & ~nonfinite
     any_nonfinite, any_bad = torch.stack([nonfinite.any(), bad.any()]).tolist()
     if any_nonfinite:
         r = first(nonfinite)
-        rep.add("finite", "non-finite output from finite weights and expert outputs", rows=r,
-                output=got[r], oracle=expected[r])
+        rep.add("finite", nonfinite_message, rows=r, output=got[r], oracle=expected[r])
     if any_bad:
         r = first(bad)
-        rep.add("matches-oracle", "output differs from sum_k w * expert_out[permuted_row]",
-                rows=r, permuted_row=rows[r], output=got[r], oracle=expected[r])
+        rep.add("matches-oracle", mismatch_message, rows=r, **{context_name: context[r]},
+                output=got[r], oracle=expected[r])
 
 
 # -- chain -------------------------------------------------------------------------------------
@@ -134,14 +144,6 @@ def chain(res: RunResult, rep: Report) -> None:
     h_l1 = t.hidden_states.float().abs().sum(1)
     scale = h_l1 * terms.sum(1)
     scale.masked_fill_(~oracle.judged(h_l1 * w_max.amax(1)), math.nan)
-    nonfinite = oracle.judged(scale) & ~finite(got).all(1)
-    bad = oracle.row_mismatches(got, expected, scale, case.torch_dtype) & ~nonfinite
-    any_nonfinite, any_bad = torch.stack([nonfinite.any(), bad.any()]).tolist()
-    if any_nonfinite:
-        r = first(nonfinite)
-        rep.add("finite", "non-finite output for finite weights and hidden states", rows=r,
-                output=got[r], oracle=expected[r])
-    if any_bad:
-        r = first(bad)
-        rep.add("matches-oracle", "end-to-end output differs from sum_k w * hidden @ W[id]",
-                rows=r, ids=ids[r], output=got[r], oracle=expected[r])
+    _judge_rows(rep, got, expected, scale, case.torch_dtype,
+                "non-finite output for finite weights and hidden states",
+                "end-to-end output differs from sum_k w * hidden @ W[id]", "ids", ids)
