@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from harness.backends import get_target
-from harness.backends.target import Target
 from harness.bugs import BugSet
 from harness.case import MoECase
-from harness.chain.runner import RunResult, chain_mode, run_case
+from harness.chain.result import RunResult
+from harness.chain.runner import chain_mode, run_case
+from harness.chain.target import Target
 
 
 def execute(case: MoECase, target: Target | str = "cpu",

@@ -237,7 +237,7 @@ class MoECase:
         rank's sort and expert outputs (all kept in the `RunResult`) and the LoRA layout.
         Temporaries come on top (about as much again at the peak).
         """
-        from harness.chain.geometry import max_num_tokens_padded, uses_warp_path
+        from harness.geometry import max_num_tokens_padded, uses_warp_path
 
         T, E, K, H = self.num_tokens, self.num_experts, self.topk, self.hidden_size
         ep, M, bs, L = self.ep_size, self.recv_slots, self.block_size, self.max_loras

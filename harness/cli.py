@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 
-# -- replay and triage (harness.sanitizer, harness.triage) -------------------------------------
+# -- replay and triage (harness.sanitizer) ----------------------------------------------------
 
 SanitizerOpt = Annotated[str | None, typer.Option(
     "--sanitizer", help="replay under compute-sanitizer: memcheck | initcheck | racecheck | "
@@ -146,7 +146,7 @@ def replay(cases: Annotated[list[Path], typer.Argument(metavar="CASE_OR_DIR...")
            timeout: TimeoutOpt = 300.0) -> None:
     """Replay cases in a separate process (a crash or hang costs one case), optionally under
     compute-sanitizer: findings and sanitizer reports per case; exit 1 if there is any."""
-    from harness.sanitizer import SanitizerConfig, replay_cases
+    from harness.sanitizer.run import SanitizerConfig, replay_cases
 
     backend = backend or ("cuda" if sanitizer else "cpu")
     with out.status(f"replaying on {backend}" + (f" under {sanitizer}" if sanitizer else "")):
@@ -183,9 +183,9 @@ def triage(findings_dir: Annotated[Path, typer.Argument(metavar="FINDINGS_DIR")]
            timeout: TimeoutOpt = 300.0) -> None:
     """Replay every finding under memcheck and initcheck, attach the reports to its metadata
     and print one line per root-cause group (count, signature, the findings' own checks)."""
-    from harness.sanitizer import SanitizerConfig
-    from harness.triage import ALL_TOOLS, BASE_TOOLS
-    from harness.triage import triage as run_triage
+    from harness.sanitizer.run import SanitizerConfig
+    from harness.sanitizer.triage import ALL_TOOLS, BASE_TOOLS
+    from harness.sanitizer.triage import triage as run_triage
 
     tools = ALL_TOOLS if all_tools else BASE_TOOLS
     with out.status(f"replaying findings under {', '.join(tools)}"):
@@ -198,7 +198,7 @@ def triage(findings_dir: Annotated[Path, typer.Argument(metavar="FINDINGS_DIR")]
                   "attached", markup=False)
 
 
-# -- the corpus (harness.corpus, harness.promote) ----------------------------------------------
+# -- the corpus (harness.corpus) -------------------------------------------------------------
 
 corpus_app = typer.Typer(no_args_is_help=True,
                          help="The case corpus: promote findings into it, check its files.")
@@ -220,7 +220,7 @@ def corpus_add(
 ) -> None:
     """Promote a finding into the corpus, expected clean on the fixed chain from now on (its
     variant expectations kept); exit 1, writing nothing, if it is not clean yet."""
-    from harness.promote import PromotionRefused, promote
+    from harness.corpus.promote import PromotionRefused, promote
 
     try:
         done = promote(finding, as_, corpus_root, backend if verify else None)
@@ -237,7 +237,7 @@ def corpus_add(
 def corpus_check(directories: Annotated[list[Path], typer.Argument(metavar="DIR...")]) -> None:
     """Validate every case file under DIR: schema and fields, file name = content hash, no two
     files holding the same case. Exit 1 on any problem."""
-    from harness.corpus import check_corpus, iter_corpus
+    from harness.corpus.format import check_corpus, iter_corpus
     from harness.errors import HarnessError
 
     problems, files = [], 0
@@ -368,9 +368,9 @@ def minimize_cmd(case_file: Annotated[Path, typer.Argument(metavar="CASE.json")]
     """Shrink a case to the smallest one with the same finding (T, E, K, H, ep_size,
     max_loras; patches, faults and overrides dropped; values simplified)."""
     from harness import corpus
-    from harness.corpus import CaseMeta, Expectation
+    from harness.corpus.format import CaseMeta, Expectation
     from harness.fuzz.minimize import MinimizeConfig, minimize_case
-    from harness.triage import finding_bugs
+    from harness.sanitizer.triage import finding_bugs
 
     case, meta = corpus.load(case_file)
     bugs = tuple(bug) if bug else finding_bugs(meta)

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.api import execute
-from harness.backends.target import Target
 from harness.bugs import VARIANTS, BugSet
 from harness.case import Fault, MoECase, Overrides, Patch
+from harness.chain.target import Target
 
 
 def _nan_rows(first: int, last: int, value: str = "nan") -> tuple[Patch, ...]:

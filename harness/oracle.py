@@ -42,8 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
+from harness import geometry
 from harness.case import Materialized, MoECase
-from harness.chain import geometry
 from harness.chain.gating import GatingInput, GatingOutput
 from harness.chain.lora_align import LoraAlignInput
 from harness.chain.sort_align import SortAlignInput, SortAlignOutput

@@ -6,7 +6,7 @@
     pytest -n auto --moe-backend cuda            # one GPU per worker, each case isolated
 
 Each item replays its case and checks the expectations stored in its metadata
-(`harness.replay.checks_for`): the fixed chain clean, and each listed variant set giving its
+(`harness.corpus.expect.checks_for`): the fixed chain clean, and each listed variant set giving its
 finding signature; `--moe-bug NAME` (repeatable) checks that variant set only ("fixed": the
 fixed chain only). A failure shows the stage, the invariant, the offending entries beside the
 oracle's, and the `moe-harness run ...` command that reproduces it.
@@ -21,7 +21,7 @@ memory first; `--moe-gpus 0,1` restricts).
 Without a corpus option, the plugin collects nothing (a .json file named on the command line
 is replayed if it is a case file). The ini option `moe_corpus` (paths relative to the ini
 file) adds its directories when pytest runs its default selection (no paths given), as
-`testpaths` does; `--moe-corpus` always adds. Thin: the work is in `harness.replay`,
+`testpaths` does; `--moe-corpus` always adds. Thin: the work is in `harness.corpus.expect`,
 `harness.isolation`, `harness.gpus` and `harness.corpus`; nothing here imports torch until
 an item runs.
 """
@@ -142,7 +142,7 @@ def _settings(config: pytest.Config) -> Settings:
                                         f"{', '.join(sorted(VARIANTS))})")
     target = opt("moe_target") or opt("moe_backend")
     gpu = _pin_gpu(config, target)
-    from harness import replay
+    from harness.corpus import expect as replay
 
     if str(invocation) not in sys.path:  # `--moe-target mykernels:Target` from the project
         sys.path.append(str(invocation))
@@ -256,7 +256,9 @@ class CorpusItem(pytest.Item):
                        "False)")
 
     def runtest(self) -> None:
-        from harness import corpus, replay
+        from harness import corpus
+        from harness.corpus import expect as replay
+        from harness.corpus import explain
 
         s = self.config.stash[SETTINGS]
         case, meta = corpus.load(self.path)
@@ -272,7 +274,7 @@ class CorpusItem(pytest.Item):
         for r in results:
             self.user_properties.append((f"moe {r.check.label}", r.got()))
         if not all(r.ok for r in results):
-            raise CorpusMismatch(replay.explain(self.display_path, s.target, case, results))
+            raise CorpusMismatch(explain.explain(self.display_path, s.target, case, results))
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style=None):
         if isinstance(excinfo.value, CorpusMismatch):
@@ -307,7 +309,7 @@ def _target(config: pytest.Config):
     """The in-process target, built once (a failure to build fails every item alike)."""
     state = config.stash[STATE]
     if state.target is None and state.target_error is None:
-        from harness import replay
+        from harness.corpus import expect as replay
 
         try:
             state.target = replay.load_target(config.stash[SETTINGS].target)
@@ -325,5 +327,6 @@ def _runner(config: pytest.Config):
 
         target = config.stash[SETTINGS].target
         state.runner = Isolated(cwd=str(config.invocation_params.dir),
-                                setup=[("harness.replay:prepare_target", {"target": target})])
+                                setup=[("harness.corpus.expect:prepare_target",
+                                        {"target": target})])
     return state.runner

@@ -28,7 +28,7 @@ from harness.case import (
     Patch,
     materialize,
 )
-from harness.corpus import CaseMeta, Expectation
+from harness.corpus.format import CaseMeta, Expectation
 from harness.errors import CorpusError
 
 # -- helpers -----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 from harness import corpus
 from harness.case import MoECase, Patch
 from harness.cli import main
-from harness.corpus import CaseMeta, Expectation
+from harness.corpus.format import CaseMeta, Expectation
 
 NAN = "topk-nan-argmax"
 

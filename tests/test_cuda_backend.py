@@ -45,7 +45,8 @@ from harness.chain.experts import (
 )
 from harness.chain.gating import GatingInput, gating_cpu
 from harness.chain.lora_align import LoraAlignInput, lora_align_cpu
-from harness.chain.runner import RunResult, run_case
+from harness.chain.result import RunResult
+from harness.chain.runner import run_case
 from harness.chain.sort_align import SortAlignInput, sort_align_cpu
 from harness.demo import demo_cases
 from harness.errors import BackendUnavailable, IllegalAccess

@@ -37,7 +37,8 @@ from harness.backends.cuda_graph import (
 )
 from harness.bugs import BugSet
 from harness.case import DISTRIBUTIONS, Fault, Generated, MoECase, Overrides, Patch
-from harness.chain.runner import RunResult, run_case
+from harness.chain.result import RunResult
+from harness.chain.runner import run_case
 from harness.cli import main
 from harness.errors import BackendUnavailable, ConfigError
 

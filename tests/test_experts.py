@@ -7,8 +7,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from harness import geometry
 from harness.bugs import BugSet
-from harness.chain import StageContext, geometry
+from harness.chain import StageContext
 from harness.chain.experts import (
     ExpertsInput,
     FinalizeInput,

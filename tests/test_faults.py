@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from harness.case import Fault
-from harness.faults import apply_fault, fault_rows
+from harness.chain.faults import apply_fault, fault_rows
 
 
 def test_rows_modulo_and_fraction():

@@ -12,9 +12,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from harness import geometry
 from harness.case import Generated, MoECase, Overrides, Patch
-from harness.chain import geometry
-from harness.corpus import iter_corpus, load
+from harness.corpus.format import iter_corpus, load
 from harness.demo import demo_cases
 from harness.errors import CaseError, CodecError, LaunchConfigError
 from harness.fuzz import codec

@@ -13,9 +13,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from harness import geometry
 from harness.bugs import VARIANTS
 from harness.case import SPECIAL_VALUES, Generated, MoECase, materialize
-from harness.chain import geometry
 from harness.demo import demo_cases
 from harness.errors import ConfigError
 from harness.fuzz import mutators

@@ -124,7 +124,7 @@ def test_missing_sanitizer_is_one_clear_error_before_the_fuzzer_starts(tmp_path,
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
     monkeypatch.delenv("CUDA_PATH", raising=False)
-    monkeypatch.setattr("harness.sanitizer._DEFAULT_ROOTS", ())
+    monkeypatch.setattr("harness.sanitizer.run._DEFAULT_ROOTS", ())
     findings = tmp_path / "findings"
     assert main(["fuzz", "--runs", "10", "--findings", str(findings),
                  "--sanitizer-every", "1"]) == 2

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from harness.bugs import BugSet
 from harness.chain import StageContext, gating
 from harness.chain.gating import GatingInput, _butterfly, _lane_argmax, gating_cpu
-from harness.chain.geometry import WARP_EXPERTS, uses_warp_path, warp_layout
 from harness.errors import ContractError, LaunchConfigError
+from harness.geometry import WARP_EXPERTS, uses_warp_path, warp_layout
 
 NAN, INF = math.nan, math.inf
 VARIANT = BugSet.of(["topk-nan-argmax"])

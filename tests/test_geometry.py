@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from harness.chain import geometry as g
+from harness import geometry as g
 from harness.errors import LaunchConfigError
 
 

@@ -26,7 +26,8 @@ from harness.case import (
     Overrides,
     Patch,
 )
-from harness.chain.runner import RunResult, run_case
+from harness.chain.result import RunResult
+from harness.chain.runner import run_case
 from harness.memory import POISON_I32
 
 TARGET = CpuTarget()

@@ -7,8 +7,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from harness import geometry
 from harness.bugs import BugSet
-from harness.chain import StageContext, geometry
+from harness.chain import StageContext
 from harness.chain.lora_align import LoraAlignInput, LoraAlignOutput, lora_align_cpu
 from harness.errors import IllegalAccess
 from harness.memory import is_poison

@@ -9,9 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness import oracle
+from harness import geometry, oracle
 from harness.case import MoECase, materialize
-from harness.chain import geometry
 from harness.chain.gating import GatingInput
 from harness.chain.lora_align import LoraAlignInput
 from harness.chain.sort_align import SortAlignInput

@@ -6,9 +6,9 @@ import pytest
 
 from harness import corpus
 from harness.case import Fault, MoECase, Patch
-from harness.corpus import CaseMeta, Expectation
+from harness.corpus.format import CaseMeta, Expectation
+from harness.corpus.promote import PromotionRefused, promote, promoted_meta
 from harness.errors import HarnessError
-from harness.promote import PromotionRefused, promote, promoted_meta
 
 NAN = "topk-nan-argmax"
 

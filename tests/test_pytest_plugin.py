@@ -11,7 +11,7 @@ import torch
 import harness.pytest_plugin
 from harness import corpus
 from harness.case import MoECase, Patch
-from harness.corpus import CaseMeta, Expectation
+from harness.corpus.format import CaseMeta, Expectation
 
 pytest_plugins = ["pytester"]
 
@@ -196,11 +196,11 @@ def test_a_crash_or_a_hang_fails_its_item_alone(pytester):
         f"{names[12]} PASSED*", f"{names[13]} FAILED*",
         f"{names[14]} FAILED*", f"{names[15]} PASSED*",
         "FAIL on the fixed chain: expected clean (the default), got the child process running "
-        "harness.replay:run_check_isolated died (exit code 3)",
+        "harness.corpus.expect:run_check_isolated died (exit code 3)",
         "*about to crash",
         f"  pytest {names[13]} --moe-target flaky:Flaky",
         "FAIL on the fixed chain: expected clean (the default), got "
-        "harness.replay:run_check_isolated did not return within 3 s; the child process was "
+        "harness.corpus.expect:run_check_isolated did not return within 3 s; the child process was "
         "killed",
     ])
     assert result.duration < 120

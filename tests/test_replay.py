@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from harness import replay
 from harness.case import MoECase, Patch
-from harness.corpus import CaseMeta, Expectation
+from harness.corpus import expect as replay
+from harness.corpus import explain
+from harness.corpus.expect import Check, CheckResult
+from harness.corpus.format import CaseMeta, Expectation
 from harness.errors import BackendUnavailable, IsolationError
 from harness.findings import Finding
-from harness.replay import Check, CheckResult
 
 NAN = "topk-nan-argmax"
 SORT = "sort-duplicate-break"
@@ -118,7 +119,8 @@ def test_targets_by_name_and_by_module_attr():
 
 @pytest.mark.parametrize("spec, message", [
     ("tpu", "expected cpu, cuda or module:attr"), ("no_such_module:T", "cannot import"),
-    ("harness.replay:NoSuchThing", "has no attribute"), ("harness.replay:INDEX_KEYS", "not a"),
+    ("harness.corpus.expect:NoSuchThing", "has no attribute"),
+    ("harness.corpus.explain:INDEX_KEYS", "not a"),
 ])
 def test_bad_targets_are_named(spec, message):
     with pytest.raises(BackendUnavailable, match=message):
@@ -129,7 +131,7 @@ def test_bad_targets_are_named(spec, message):
 
 
 def test_details_put_the_offending_rows_beside_the_oracle():
-    lines = replay.format_details({
+    lines = explain.format_details({
         "rank": 0, "rows": [24, 25], "ids": [[0, 0], [0, 0]], "oracle_ids": [[3, 1], [2, 0]],
         "positions": [], "sorted_token_ids": [], "weights_sum": 1.0000001})
     assert lines[0].split(" | ") == ["rows", "ids   ", "oracle_ids"]
@@ -140,15 +142,15 @@ def test_details_put_the_offending_rows_beside_the_oracle():
 
 
 def test_long_cells_are_cut():
-    (line,) = [x for x in replay.format_details({"rows": [0], "output": [list(range(100))]})
+    (line,) = [x for x in explain.format_details({"rows": [0], "output": [list(range(100))]})
                if x.startswith("0 ")]
     assert line.endswith("…") and len(line) < 80
 
 
 def test_reproduce_commands():
-    assert replay.reproduce_command("corpus/bugs/a+b/x.json", "cpu", (NAN, SORT)) == (
+    assert explain.reproduce_command("corpus/bugs/a+b/x.json", "cpu", (NAN, SORT)) == (
         f"moe-harness run corpus/bugs/a+b/x.json --backend cpu --bug {NAN} --bug {SORT}")
-    assert replay.reproduce_command("my cases/x.json", "mine:Target", ()) == (
+    assert explain.reproduce_command("my cases/x.json", "mine:Target", ()) == (
         "pytest 'my cases/x.json' --moe-target mine:Target")
 
 
@@ -157,7 +159,7 @@ def test_explain_lists_what_was_expected_and_what_came():
     results = [CheckResult(Check((), "clean")),
                CheckResult(Check((NAN,), "clean"), [finding("gating:unique-ids", rows=[1],
                                                             ids=[[0, 0]])])]
-    text = replay.explain("c.json", "cpu", case, results)
+    text = explain.explain("c.json", "cpu", case, results)
     assert text.splitlines()[0] == "c.json: 1 of 2 expectation(s) not met on cpu"
     assert f"FAIL with bugs {NAN}: expected clean, got gating:unique-ids" in text
     assert "stage gating, invariant unique-ids: something is off" in text

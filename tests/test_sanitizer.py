@@ -20,9 +20,9 @@ import torch
 from harness import corpus
 from harness.case import MoECase
 from harness.cli import main
-from harness.corpus import CaseMeta, Expectation
+from harness.corpus.format import CaseMeta, Expectation
 from harness.errors import HarnessError, SanitizerUnavailable, UnknownVariant
-from harness.sanitizer import (
+from harness.sanitizer.run import (
     CHILD_ENV,
     SanitizerConfig,
     build_command,
@@ -64,11 +64,11 @@ def test_command_has_tool_xml_save_and_the_replay(fake_sanitizer, tmp_path):
     assert argv[argv.index("--tool") + 1] == "initcheck"
     assert "--xml" in argv and argv[argv.index("--xml") + 1] == "--save"  # a flag in 2025.x
     assert argv[argv.index("--save") + 1] == str(tmp_path / "out.xml")
-    assert argv[-3:] == ["-m", "harness.sanitizer_replay", str(tmp_path / "m.json")]
+    assert argv[-3:] == ["-m", "harness.sanitizer.child", str(tmp_path / "m.json")]
     assert argv.index("--racecheck-report") < argv.index("-m")
     assert argv[argv.index("--check-exit-code") + 1] == "no"  # exit 3 is protocol
     assert build_command(None, tmp_path / "m.json", None)[1:] == [
-        "-m", "harness.sanitizer_replay", str(tmp_path / "m.json")]
+        "-m", "harness.sanitizer.child", str(tmp_path / "m.json")]
 
 
 def test_child_env_disables_the_caching_allocator(monkeypatch):
@@ -83,7 +83,7 @@ def test_missing_sanitizer_is_one_clear_error(tmp_path, monkeypatch, three_cases
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
     monkeypatch.delenv("CUDA_PATH", raising=False)
-    monkeypatch.setattr("harness.sanitizer._DEFAULT_ROOTS", ())
+    monkeypatch.setattr("harness.sanitizer.run._DEFAULT_ROOTS", ())
     with pytest.raises(SanitizerUnavailable, match=r"compute-sanitizer not found.*CUDA_HOME"):
         find_sanitizer()
     with pytest.raises(SanitizerUnavailable, match="not found"):
@@ -231,8 +231,8 @@ def test_poison_checks_are_set_aside_without_poison(checks, tmp_path, monkeypatc
     with poison off: lora_align:disabled-untouched fires on the untouched row, which holds
     fresh memory, not poison. The replay sets it aside; the parent reads a clean case that
     carries it. With poison on the case is clean and nothing is set aside."""
-    from harness import sanitizer_replay
-    from harness.sanitizer import CaseResult, SanitizerRun, _interpret, _line_event, _ProcessLog
+    from harness.sanitizer import child as sanitizer_replay
+    from harness.sanitizer.run import CaseResult, SanitizerRun, _interpret, _line_event, _ProcessLog
 
     path = corpus.save(MoECase(16, 8, 2, seed=9, max_loras=3,
                                adapter_enabled=(True, False, True)), tmp_path)
@@ -253,7 +253,7 @@ def test_poison_checks_are_set_aside_without_poison(checks, tmp_path, monkeypatc
 def test_poison_checks_are_invariant_names():
     """Every name set aside without poison is a check the invariants report."""
     from harness import invariants
-    from harness.sanitizer_replay import POISON_CHECKS
+    from harness.sanitizer.child import POISON_CHECKS
 
     source = "".join(Path(m.__file__).read_text() for m in (
         invariants.layout, invariants.routing, invariants.compute))
@@ -325,7 +325,7 @@ def test_cli_triage_groups_and_attaches(fake_sanitizer, tmp_path, capsys, monkey
     # records in the gating stage of cases 0 and 1 of the replay with topk-nan-argmax on
     monkeypatch.setenv("FAKE_ERROR_AT", "0:gating,1:gating")
     monkeypatch.setenv("FAKE_ONLY_WITH_BUGS", "1")
-    monkeypatch.setattr("harness.triage.BASE_TOOLS", ("memcheck",))  # one process per set
+    monkeypatch.setattr("harness.sanitizer.triage.BASE_TOOLS", ("memcheck",))  # one process per set
     assert main(["triage", str(d), "--backend", "cpu"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
     assert len(lines) == 2, lines

@@ -1,4 +1,4 @@
-"""harness.sanitizer_report against compute-sanitizer 2025.2 output captured on an H100 from
+"""harness.sanitizer.report against compute-sanitizer 2025.2 output captured on an H100 from
 our own kernels (tests/fixtures/sanitizer/): clean runs of memcheck, initcheck
 and racecheck; memcheck on lora-disabled-adapter (a wild write in lora_align), on
 topk-nan-argmax + sort-duplicate-break (an illegal read in finalize, 282 errors of which the
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.sanitizer_report import (
+from harness.sanitizer.report import (
     CASE_FRAME_PREFIX,
     STAGES,
     error_kind,

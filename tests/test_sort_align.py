@@ -8,8 +8,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from harness import geometry
 from harness.bugs import BugSet
-from harness.chain import StageContext, geometry, sort_align
+from harness.chain import StageContext, sort_align
 from harness.chain.sort_align import SortAlignInput, sort_align_cpu
 from harness.memory import POISON_I32
 

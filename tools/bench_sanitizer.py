@@ -7,7 +7,7 @@ which bug variant. Needs a GPU and compute-sanitizer; about 90 s on an H100 by d
 Tools: memcheck and initcheck by default; `--all-tools` adds racecheck and synccheck.
 
 Slowdown: the same cases (default: the seeds of corpus/seeds whose buffers fit
-`harness.sanitizer.SMALL_CASE_BYTES`; the chunked-launch seed alone takes minutes under
+`harness.sanitizer.run.SMALL_CASE_BYTES`; the chunked-launch seed alone takes minutes under
 initcheck without poison) replayed bare and under each tool, each in one process, redzones and
 poison off, PYTORCH_NO_CUDA_MEMORY_CACHING=1 in both. Two factors: wall clock (start-up
 included: torch import, CUDA init, the sanitizer's attach) and time inside the cases only.
@@ -39,13 +39,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from harness import corpus  # noqa: E402
-from harness.sanitizer import (  # noqa: E402
+from harness.sanitizer.report import SanitizerReport  # noqa: E402
+from harness.sanitizer.run import (  # noqa: E402
     TOOLS,
     SanitizerRun,
     replay_cases,
     small_cases,
 )
-from harness.sanitizer_report import SanitizerReport  # noqa: E402
 
 BASE_TOOLS = ("memcheck", "initcheck")
 PLAIN = ("invariant", "redzone/poison", "device fault")

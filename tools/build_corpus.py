@@ -2,7 +2,7 @@
 
     python tools/build_corpus.py [--root corpus] [--backend cpu]
 
-Every case is replayed against its expectations first (`harness.replay`); a case that does
+Every case is replayed against its expectations first (`harness.corpus.expect`); a case that does
 not meet them is reported and nothing is written for it. Files are written with
 `harness.corpus.save` (content-hashed names, atomic; re-running is idempotent). The pytest
 plugin replays them in every test run (`moe_corpus = corpus` in pyproject.toml).
@@ -21,9 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from harness import corpus, replay
+from harness import corpus
 from harness.case import Fault, Generated, MoECase, Overrides, Patch
-from harness.corpus import CaseMeta, Expectation
+from harness.corpus import expect as replay
+from harness.corpus import explain
+from harness.corpus.format import CaseMeta, Expectation
 
 
 def _rows(first: int, last: int, value: str = "nan") -> tuple[Patch, ...]:
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         results = replay.run_checks(entry.case, target,
                                     replay.checks_for(meta, args.backend))
         if not all(r.ok for r in results):
-            print(replay.explain(entry.directory, args.backend, entry.case, results),
+            print(explain.explain(entry.directory, args.backend, entry.case, results),
                   file=sys.stderr)
             bad += 1
             continue

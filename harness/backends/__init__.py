@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from harness.backends.target import Target
+from harness.chain.target import Target
 from harness.errors import BackendUnavailable, ConfigError
 
 BACKENDS = ("cpu", "cuda")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from harness.backends.target import Target
 from harness.chain.dispatch import combine_cpu, dispatch_cpu
 from harness.chain.experts import experts_cpu, finalize_cpu
 from harness.chain.gating import gating_cpu
 from harness.chain.lora_align import lora_align_cpu
 from harness.chain.sort_align import sort_align_cpu
+from harness.chain.target import Target
 
 
 class CpuTarget(Target):

@@ -2,7 +2,7 @@
 
 Each stage materialises its inputs on the device, allocates every output and workspace
 pre-filled with poison (the patterns of `harness.memory`) inside guard bands of a canary byte
-(redzones, both sides), validates the launches with the same `harness.chain.geometry`
+(redzones, both sides), validates the launches with the same `harness.geometry`
 functions as the CPU model *before* launching (`LaunchConfigError`), launches with the bug
 variants as a bitmask (bit i = the i-th name of `harness.bugs.VARIANTS`), synchronises, and
 then checks:
@@ -25,14 +25,15 @@ from types import ModuleType
 
 import torch
 
-from harness.backends.target import Target
+from harness import geometry
 from harness.bugs import VARIANTS, BugSet
-from harness.chain import StageContext, geometry
+from harness.chain import StageContext
 from harness.chain.dispatch import CombineInput, DispatchInput, DispatchOutput
 from harness.chain.experts import ExpertsInput, ExpertsOutput, FinalizeInput
 from harness.chain.gating import GatingInput, GatingOutput
 from harness.chain.lora_align import LoraAlignInput, LoraAlignOutput
 from harness.chain.sort_align import SortAlignInput, SortAlignOutput
+from harness.chain.target import Target
 from harness.errors import BackendUnavailable, ContractError, IllegalAccess, LaunchConfigError
 from harness.memory import POISON_BITS
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from harness import geometry
 from harness.backends.cuda import (
     _BITS_DTYPE,
     CANARY_BYTE,
@@ -33,7 +34,6 @@ from harness.backends.cuda import (
 )
 from harness.bugs import BugSet
 from harness.case import GRAPH_PADDINGS, Materialized, MoECase
-from harness.chain import geometry
 from harness.errors import ConfigError
 from harness.memory import POISON_BITS
 

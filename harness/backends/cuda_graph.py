@@ -39,14 +39,16 @@ from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from harness import geometry
 from harness.backends.cuda import CudaTarget
 from harness.backends.cuda_capture import STAGE_ORDER, ChainGraph, GraphKey, StaticInputs
 from harness.bugs import FIXED, BugSet
 from harness.case import GRAPH_PADDINGS, Materialized, MoECase, Overrides, materialize
-from harness.chain import StageContext, geometry
+from harness.chain import StageContext
 from harness.chain.experts import ExpertsInput, ExpertsOutput, FinalizeInput
 from harness.chain.gating import GatingInput, GatingOutput
-from harness.chain.runner import RankRun, RunResult, _call, _Stop
+from harness.chain.result import RankRun, RunResult
+from harness.chain.runner import _call, _Stop
 from harness.chain.sort_align import SortAlignInput, SortAlignOutput
 from harness.errors import ConfigError, IllegalAccess
 

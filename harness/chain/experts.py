@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.chain import StageContext, geometry
+from harness import geometry
+from harness.chain import StageContext
 from harness.errors import IllegalAccess
 from harness.memory import CheckedBuffer
 

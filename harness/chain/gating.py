@@ -34,9 +34,10 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.chain import StageContext, geometry
-from harness.chain.geometry import uses_warp_path
+from harness import geometry
+from harness.chain import StageContext
 from harness.errors import ContractError
+from harness.geometry import uses_warp_path
 from harness.memory import CheckedBuffer
 
 _MASKED = -10000.0  # what topkGatingSoftmax writes over a chosen expert's value

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.chain import StageContext, framed, geometry
+from harness import geometry
+from harness.chain import StageContext, framed
 from harness.memory import CheckedBuffer
 
 STAGE = "sort_align"

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from harness import geometry
 from harness.case import (
     DISTRIBUTIONS,
     FAULT_KINDS,
@@ -55,7 +56,6 @@ from harness.case import (
     Overrides,
     Patch,
 )
-from harness.chain import geometry
 from harness.errors import CodecError, HarnessError
 
 FORMAT_VERSION = 1
@@ -284,7 +284,7 @@ class _Writer:
 def launch_thresholds(num_experts: int, topk: int, block_size: int,
                       ep_size: int = 1) -> tuple[tuple[str, int], ...]:
     """(name, T): the smallest token counts at which a stage's launch changes shape or an
-    unchunked launch crosses a device limit, solved from `harness.chain.geometry` for the
+    unchunked launch crosses a device limit, solved from `harness.geometry` for the
     receive rows ep_size * ceil(T / ep_size) of the busiest rank (the first, which owns
     ceil(E / ep_size) experts in the default layout)."""
     ep = ep_size

@@ -25,8 +25,8 @@ from collections.abc import Iterable
 
 import torch
 
+from harness import geometry
 from harness.case import MoECase
-from harness.chain import geometry
 from harness.chain.runner import chain_mode
 from harness.fuzz.codec import CAPTURE_SIZES, launch_thresholds
 

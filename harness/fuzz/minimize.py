@@ -220,7 +220,7 @@ def minimize(case: MoECase, keeps: Predicate,
              config: MinimizeConfig = MinimizeConfig()) -> MinimizeResult:
     """Reduce `case` while `keeps(candidate)` holds (it must hold for `case` itself; it is not
     re-checked). Returns the smallest case reached within the budget."""
-    from harness.corpus import content_hash
+    from harness.corpus.format import content_hash
 
     start = time.perf_counter()
     res = MinimizeResult(case, case)

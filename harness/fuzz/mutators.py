@@ -43,7 +43,6 @@ from harness.case import (
     Overrides,
     Patch,
 )
-from harness.chain.geometry import WARP_EXPERTS
 from harness.errors import ConfigError
 from harness.fuzz.codec import (
     CAPTURE_SIZES,
@@ -54,6 +53,7 @@ from harness.fuzz.codec import (
     launch_thresholds,
     token_cap,
 )
+from harness.geometry import WARP_EXPERTS
 
 #: appended patches and faults beyond these replace a random one instead
 MAX_PATCHES = 64

@@ -4,11 +4,11 @@ compute-sanitizer's memcheck, in a separate process, while the fuzzer goes on.
     corpus dir (libFuzzer's byte files) --every Nth new one, codec.decode--> <run>/sanitize/corpus
     findings (the child's stored reproducers) -----------------------------------------+
                                                                                        v
-        one batch at a time (`harness.sanitizer.sanitize_in_background`: one sanitizer process
+        one batch at a time (`harness.sanitizer.run.sanitize_in_background`: one sanitizer process
         for many cases, its start-up paid once; what arrives meanwhile waits for the next batch)
                                                                                        v
-        reports -> the case file's metadata, as `harness.triage` attaches them; an error on a
-        corpus entry -> a new finding "<stage>:sanitizer-<kind>" in the `FindingStore`
+        reports -> the case file's metadata, as `harness.sanitizer.triage` attaches them; an
+        error on a corpus entry -> a new finding "<stage>:sanitizer-<kind>" in the `FindingStore`
 
 The fuzz parent drives it from its polling loop (`poll`): nothing here blocks the fuzzer.
 Replays run on the fuzz backend with the fuzz variants (handed on unread), with redzones and
@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import corpus
-from harness.corpus import CaseMeta
+from harness.corpus.format import CaseMeta
 from harness.errors import HarnessError, SanitizerUnavailable
 from harness.findings import Finding
 from harness.fuzz.store import FindingStore, StoredFinding
-from harness.sanitizer import (
+from harness.sanitizer.run import (
     SanitizerConfig,
     SanitizerRun,
     find_sanitizer,
@@ -211,7 +211,7 @@ class BackgroundSanitizer:
             self.problems.append(f"a sanitizer batch of {len(batch)} case(s) failed: "
                                  f"{type(exc).__name__}: {exc}")
             return
-        from harness.triage import attach_reports, tool_run
+        from harness.sanitizer.triage import attach_reports, tool_run
 
         self.problems.extend(f"sanitizer: {p}" for p in run.problems)
         unmapped = [r for r in run.unmapped if r.level == "error"]
@@ -240,7 +240,7 @@ class BackgroundSanitizer:
 
     def _record(self, item: _Item, errors, runs: dict) -> None:
         """Store a corpus entry with sanitizer errors as a finding per (stage, error kind)."""
-        from harness.triage import attach_reports
+        from harness.sanitizer.triage import attach_reports
 
         case, _ = corpus.load(item.path)
         for rep in errors:

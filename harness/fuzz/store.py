@@ -20,7 +20,7 @@ from pathlib import Path
 
 from harness import corpus
 from harness.case import MoECase
-from harness.corpus import CaseMeta, Expectation
+from harness.corpus.format import CaseMeta, Expectation
 from harness.errors import CorpusError
 from harness.findings import Finding
 

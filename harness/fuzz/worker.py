@@ -24,9 +24,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from harness.backends.target import Target
 from harness.bugs import BugSet
 from harness.case import MoECase
+from harness.chain.target import Target
 from harness.errors import BackendUnavailable, CaseError, IsolationError
 from harness.findings import Finding
 
@@ -349,12 +349,12 @@ class WorkerExecutor(Executor):
 
 def make_target(target: str, device_coverage: bool = True, graph: bool = False) -> Target:
     """The target `target`: a backend name ("cpu", "cuda") or "module:attr" (a user's own
-    kernels, as `harness.replay.load_target` resolves it). `device_coverage` switches the cuda
-    backend's coverage counters, `graph` its CUDA-graph replay."""
+    kernels, as `harness.corpus.expect.load_target` resolves it). `device_coverage` switches
+    the cuda backend's coverage counters, `graph` its CUDA-graph replay."""
     from harness.backends import get_target
 
     if ":" in target:
-        from harness.replay import load_target
+        from harness.corpus.expect import load_target
 
         return load_target(target)
     return get_target(target, graph=graph, coverage=device_coverage)

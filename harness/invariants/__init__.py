@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from harness.chain.runner import RunResult
+from harness.chain.result import RunResult
 from harness.findings import Finding
 from harness.invariants import compute, layout, routing
 from harness.invariants.common import Malformed, Report

@@ -7,7 +7,7 @@ import math
 import torch
 
 from harness import oracle
-from harness.chain.runner import RankRun, RunResult
+from harness.chain.result import RankRun, RunResult
 from harness.invariants.common import (
     Report,
     finite,

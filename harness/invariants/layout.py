@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from harness import oracle
-from harness.chain.runner import RankRun, RunResult
+from harness.chain.result import RankRun, RunResult
 from harness.invariants.common import (
     Report,
     first,

@@ -8,7 +8,7 @@ import torch
 
 from harness import oracle
 from harness.chain import framed
-from harness.chain.runner import RunResult
+from harness.chain.result import RunResult
 from harness.invariants.common import (
     MASK_VALUE,
     MAX_ENTRIES,

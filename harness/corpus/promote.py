@@ -5,7 +5,7 @@ regression (`corpus/regressions/`) or a seed (`corpus/seeds/`, legal cases only)
 corpus its metadata promises what the fixed chain must do from now on: clean, on every
 backend. Expectations under bug variants (the variant's finding) are kept, so the case also
 keeps proving that the variant is caught. Before writing, the case is replayed against the
-new expectations (`harness.replay`) on one backend, so nothing is promoted that fails on
+new expectations (`harness.corpus.expect`) on one backend, so nothing is promoted that fails on
 arrival.
 """
 
@@ -15,8 +15,10 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import corpus, replay
-from harness.corpus import CaseMeta, Expectation
+from harness import corpus
+from harness.corpus import expect as replay
+from harness.corpus import explain
+from harness.corpus.format import CaseMeta, Expectation
 from harness.errors import HarnessError
 
 #: where each kind of promoted case goes, under the corpus root
@@ -71,7 +73,7 @@ def promote(finding: str | Path, kind: str = "regression", root: str | Path = "c
         results = tuple(replay.run_checks(case, target,
                                           replay.checks_for(new, replay.target_name(verify))))
         if not all(r.ok for r in results):
-            report = replay.explain(str(finding), verify, case, results)
+            report = explain.explain(str(finding), verify, case, results)
             raise PromotionRefused(f"{finding} does not meet its corpus expectation on "
                                    f"{verify}; not promoted", report)
     path = corpus.save(case, Path(root) / KINDS[kind], new)

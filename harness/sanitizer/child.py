@@ -1,7 +1,7 @@
 """The replay process `harness.sanitizer` runs (under compute-sanitizer, or bare): many cases,
 one process, launch markers on stdout.
 
-`python -m harness.sanitizer_replay MANIFEST.json`, where the manifest (written by
+`python -m harness.sanitizer.child MANIFEST.json`, where the manifest (written by
 `harness.sanitizer`) names the cases (index, path, optionally the case's own bug variants),
 the backend, the bug variants and whether the cuda backend's redzones and poison are on.
 Before each case and around each stage the process prints one marker line,
@@ -30,8 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness.backends.target import Target
-from harness.sanitizer_report import CASE_FRAME_PREFIX
+from harness.chain.target import Target
+from harness.sanitizer.report import CASE_FRAME_PREFIX
 
 MARKER = "@@moe-harness "
 EXIT_CONTEXT_LOST = 3
@@ -198,7 +198,7 @@ def replay(manifest: dict[str, Any]) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m harness.sanitizer_replay MANIFEST.json", file=sys.stderr)
+        print("usage: python -m harness.sanitizer.child MANIFEST.json", file=sys.stderr)
         return 2
     return replay(json.loads(Path(args[0]).read_text(encoding="utf-8")))
 

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from harness import corpus
-from harness.corpus import CaseMeta
+from harness.corpus.format import CaseMeta
 from harness.errors import HarnessError
-from harness.sanitizer import SanitizerConfig, SanitizerRun, replay_under_sanitizer
-from harness.sanitizer_report import SanitizerReport
+from harness.sanitizer.report import SanitizerReport
+from harness.sanitizer.run import SanitizerConfig, SanitizerRun, replay_under_sanitizer
 
 BASE_TOOLS = ("memcheck", "initcheck")
 ALL_TOOLS = ("memcheck", "initcheck", "racecheck", "synccheck")

@@ -35,7 +35,7 @@ _NEAREST_RE = re.compile(r"is ([\d,]+) bytes? (before|after) the nearest allocat
 _ADDRESS_RE = re.compile(r"(?:Address|Access to) (0x[0-9a-fA-F]+)")
 _ACCESS_ERROR_RE = re.compile(r"(?:Address|Access to) 0x[0-9a-fA-F]+ is ([a-z ]+?)\s*$")
 _PY_FRAME_RE = re.compile(r"^(\S+) in (\S+\.py):(\d+)$")
-#: the name the replay gives the Python frame that runs case i (see harness.sanitizer_replay)
+#: the name the replay gives the Python frame that runs case i (see harness.sanitizer.child)
 CASE_FRAME_PREFIX = "moe_harness_case_"
 _SIZE_RE = re.compile(r"of size (\d+) bytes?")
 _DIM3_RE = re.compile(r"\((\d+),\s*(\d+),\s*(\d+)\)")

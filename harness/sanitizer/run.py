@@ -3,7 +3,7 @@
     replay_under_sanitizer(cases, "memcheck")  ->  SanitizerRun (per case: status, findings,
                                                    SanitizerReports mapped to case and stage)
 
-The cases run in one process (`harness.sanitizer_replay`, one start-up of the sanitizer and of
+The cases run in one process (`harness.sanitizer.child`, one start-up of the sanitizer and of
 torch) that prints a marker before each case and around each stage; compute-sanitizer's text
 records land between those markers on the same terminal (a pty, so neither side buffers), and
 its XML records (`--xml --save FILE`) are matched to them in order: each report gets the case
@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import BackendUnavailable, HarnessError, SanitizerUnavailable
-from harness.sanitizer_replay import EXIT_CONTEXT_LOST, MARKER
-from harness.sanitizer_report import (
+from harness.sanitizer.child import EXIT_CONTEXT_LOST, MARKER
+from harness.sanitizer.report import (
     ParsedOutput,
     SanitizerReport,
     kernel_stages,
@@ -126,7 +126,7 @@ def child_env() -> dict[str, str]:
     """The replay child's environment: ours, PYTORCH_NO_CUDA_MEMORY_CACHING=1, and this
     checkout importable (a source tree used without `pip install -e`)."""
     env = {**os.environ, **CHILD_ENV}
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
 
@@ -134,7 +134,7 @@ def child_env() -> dict[str, str]:
 def build_command(config: SanitizerConfig | None, manifest: Path,
                   xml_path: Path | None) -> list[str]:
     """argv of one replay process: under compute-sanitizer, or bare if `config` is None."""
-    replay = [(config.python if config else sys.executable), "-m", "harness.sanitizer_replay",
+    replay = [(config.python if config else sys.executable), "-m", "harness.sanitizer.child",
               str(manifest)]
     if config is None:
         return replay

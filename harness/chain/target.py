@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from harness.chain import StageContext, geometry
+from harness import geometry
+from harness.chain import StageContext
 from harness.chain.dispatch import CombineInput, DispatchInput, DispatchOutput
 from harness.chain.experts import ExpertsInput, ExpertsOutput, FinalizeInput
 from harness.chain.gating import GatingInput, GatingOutput
@@ -24,7 +25,7 @@ from harness.chain.sort_align import SortAlignInput, SortAlignOutput
 if TYPE_CHECKING:
     from harness.bugs import BugSet
     from harness.case import MoECase
-    from harness.chain.runner import RunResult
+    from harness.chain.result import RunResult
 
 
 class Target(ABC):

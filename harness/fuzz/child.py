@@ -1,0 +1,170 @@
+"""The fuzzing process: libFuzzer (atheris) driving the decoder, the mutators and the chain.
+
+`harness.fuzz.engine.fuzz` starts it (`python -c _BOOTSTRAP RUN_DIR`) and watches it. Here
+the chain's modules are instrumented by atheris (Python edge coverage), every run's semantic
+features (`features.features`, the cuda backend's device coverage included) bump counters
+reserved once with `atheris._reserve_counter()`, findings go to the `FindingStore` (one corpus
+JSON per new signature) and the status file is rewritten atomically. libFuzzer ends this
+process when it stops: `atheris.Fuzz()` never returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from harness.errors import BackendUnavailable, HarnessError
+from harness.fuzz.engine import (
+    FEATURE_COUNTERS,
+    INSTRUMENTED,
+    NOT_INSTRUMENTED,
+    STATUS_EVERY_S,
+    FuzzConfig,
+    _write_json,
+    codec_limits,
+)
+from harness.fuzz.store import FindingStore, StoredFinding
+
+
+class _Child:
+    """The state of the fuzzing process: executor, store, counters, status."""
+
+    def __init__(self, config: FuzzConfig, started_at: float, run_dir: Path) -> None:
+        import atheris
+
+        from harness.fuzz import features, worker
+
+        self.config, self.started_at, self.run_dir = config, started_at, run_dir
+        self.limits = codec_limits(config.backend)
+        self.trace = atheris._trace_branch  # rebound after atheris.Setup (see child_main)
+        self.counters = [atheris._reserve_counter() for _ in range(FEATURE_COUNTERS)]
+        self._make_executor = lambda: worker.make_executor(
+            config.backend, config.bugs, device_coverage=config.device_coverage,
+            graph=config.graph, timeout=config.hang_timeout, features=features.features)
+        self.executor = None
+        self.store = FindingStore(config.findings_dir, config.backend, config.bugs, config.seed)
+        self.new: list[StoredFinding] = []
+        self.semantic: set[int] = set()
+        self.executions = self.invalid = self.decode_errors = 0
+        self._last_status = 0.0
+
+    def open(self) -> None:
+        """Make and start the executor (the cuda kernels are built or loaded here)."""
+        self.executor = self._make_executor()
+        self.executor.start()
+
+    def elapsed(self) -> float:
+        return time.time() - self.started_at
+
+    def write_status(self, done: bool = False, reason: str = "", error: str = "") -> None:
+        status = {"seconds": self.elapsed(), "executions": self.executions,
+                  "semantic": len(self.semantic), "invalid": self.invalid,
+                  "decode_errors": self.decode_errors,
+                  "restarts": getattr(self.executor, "restarts", 0),
+                  "findings": [f.to_json() for f in self.new], "done": done, "reason": reason,
+                  "error": error}
+        _write_json(self.run_dir / "status.json", status)
+        self._last_status = time.monotonic()
+
+    def finish(self, reason: str, error: str = "") -> None:
+        self.write_status(done=True, reason=reason, error=error)
+        if self.executor is not None:
+            with contextlib.suppress(Exception):
+                self.executor.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    def test_one_input(self, data: bytes) -> None:
+        """libFuzzer's target: decode, run, feed features, record findings; never raises."""
+        self.executions += 1
+        try:
+            case, outcome = self.executor.run_input(data, self.limits)
+        except BackendUnavailable as exc:  # the backend cannot run at all
+            self.finish("error", str(exc))
+        except Exception:  # the decoder is total by contract: count a breach, go on
+            self.decode_errors += 1
+            return
+        if outcome.invalid:
+            self.invalid += 1
+        counters, trace = self.counters, self.trace
+        for f in outcome.features:
+            trace(counters[f % FEATURE_COUNTERS])
+        self.semantic.update(outcome.features)
+        found = False
+        for finding in outcome.findings:
+            try:
+                stored = self.store.record(case, finding, self.elapsed(), self.executions)
+            except (HarnessError, OSError) as exc:  # a finding that cannot be kept: say so
+                self.finish("error", f"cannot save the finding {finding.signature}: {exc}")
+            if stored is not None:
+                self.new.append(stored)
+                found = True
+        c = self.config
+        if found and c.stop_on_first:
+            self.finish("first finding")
+        if c.seconds is not None and self.elapsed() >= c.seconds:
+            self.finish("time budget")
+        if c.runs is not None and self.executions >= c.runs:
+            self.finish("run budget")
+        if found or time.monotonic() - self._last_status > STATUS_EVERY_S:
+            self.write_status()
+
+
+def _libfuzzer_argv(config: FuzzConfig, run_dir: Path) -> list[str]:
+    argv = ["moe-harness-fuzz", f"-seed={config.seed}", "-reload=0", "-timeout=3600",
+            "-rss_limit_mb=16384", "-print_final_stats=1", f"-artifact_prefix={run_dir}/"]
+    if config.runs is not None:
+        argv.append(f"-runs={config.runs}")
+    if config.seconds is not None:
+        argv.append(f"-max_total_time={math.ceil(config.seconds) + 5}")
+    if config.max_len is not None:
+        argv.append(f"-max_len={config.max_len}")
+    return [*argv, *config.libfuzzer_args, str(config.corpus_dir)]
+
+
+def child_main(run_dir: str) -> None:
+    """Entry point of the fuzzing process (`fuzz` starts it): never returns."""
+    run = Path(run_dir)
+    obj = json.loads((run / "config.json").read_text())
+    config = FuzzConfig.from_json(obj)
+    import atheris
+
+    if config.python_coverage:
+        with atheris.instrument_imports(include=INSTRUMENTED, exclude=NOT_INSTRUMENTED):
+            import harness.api
+            import harness.backends.cpu
+            import harness.fuzz.codec
+            import harness.fuzz.features
+            import harness.fuzz.worker
+            import harness.invariants
+            import harness.oracle  # noqa: F401
+    child = _Child(config, obj["started_at"], run)
+    try:
+        child.open()
+    except HarnessError as exc:
+        child.finish("error", str(exc))
+    from harness.fuzz import mutators
+
+    # moe_mutators off: byte-level mutation only (libFuzzer's own, through atheris.Mutate)
+    mcfg = mutators.MutatorConfig(enabled=config.moe_mutators, libfuzzer_bytes=True,
+                                  limits=child.limits)
+
+    def custom_mutator(data: bytes, max_size: int, seed: int) -> bytes:
+        return mutators.mutate(data, max_size, seed, mcfg)
+
+    def custom_crossover(data1: bytes, data2: bytes, max_size: int, seed: int) -> bytes:
+        return mutators.crossover(data1, data2, max_size, seed, mcfg)
+
+    child.write_status()
+    atheris.Setup(_libfuzzer_argv(config, run), child.test_one_input,
+                  custom_mutator=custom_mutator, custom_crossover=custom_crossover)
+    # Setup swaps in libFuzzer's own _trace_branch: one taken before it counts nowhere
+    child.trace = atheris._trace_branch
+    atheris.Fuzz()
+    child.finish("run budget")  # not reached: libFuzzer exits the process
