@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from harness.backends import get_target
+from harness.backends import resolve_target
 from harness.bugs import BugSet
 from harness.case import MoECase
 from harness.chain.result import RunResult
@@ -24,7 +24,7 @@ def execute(case: MoECase, target: Target | str = "cpu",
 
     bugs = bugs if isinstance(bugs, BugSet) else BugSet.of(bugs)
     case.validate()
-    target = get_target(target) if isinstance(target, str) else target
+    target = resolve_target(target) if isinstance(target, str) else target
     result = run_case(case, target, bugs)
     with chain_mode():
         result.findings = invariants.check(result)

@@ -51,10 +51,10 @@ def run(case_file: Annotated[Path, typer.Argument(metavar="CASE.json")],
     """Run one corpus case: a per-stage summary and the findings."""
     from harness import corpus
     from harness.api import execute, stage_summary
-    from harness.backends import get_target
+    from harness.backends import resolve_target
 
     case, _meta = corpus.load(case_file)
-    target = get_target(backend, graph=True) if graph else backend
+    target = resolve_target(backend, graph=graph)
     result = execute(case, target, bug or [])
     table = Table(title=f"{case_file} on {result.target} ({result.bugs})")
     for col in ("stage", "result", "ms"):

@@ -85,3 +85,12 @@ class CheckedBuffer:
 
     def view(self, *shape: int) -> torch.Tensor:
         return self.data.view(*shape)
+
+
+def framed(table: torch.Tensor, fill: int) -> torch.Tensor:
+    """[fill, *table, fill] (1-D): a lookup table framed by two "nobody" entries, so an index
+    clamped to [-1, n] and shifted by one never reads outside it. (F.pad costs several times
+    more on the tiny tables of small cases.)"""
+    out = table.new_full((table.numel() + 2,), fill)
+    out[1:-1] = table
+    return out

@@ -142,14 +142,13 @@ def _settings(config: pytest.Config) -> Settings:
                                         f"{', '.join(sorted(VARIANTS))})")
     target = opt("moe_target") or opt("moe_backend")
     gpu = _pin_gpu(config, target)
-    from harness.corpus import expect as replay
+    from harness.backends import target_traits
 
     if str(invocation) not in sys.path:  # `--moe-target mykernels:Target` from the project
         sys.path.append(str(invocation))
     try:
-        backend = replay.target_name(target)
-        isolate = (opt("moe_isolate") or replay.wants_isolation(target)
-                   or opt("moe_timeout") is not None)
+        backend, wants_isolation = target_traits(target)
+        isolate = opt("moe_isolate") or wants_isolation or opt("moe_timeout") is not None
     except HarnessError as exc:
         raise pytest.UsageError(f"--moe-target: {exc}") from None
     timeout = opt("moe_timeout")
@@ -257,20 +256,19 @@ class CorpusItem(pytest.Item):
 
     def runtest(self) -> None:
         from harness import corpus
-        from harness.corpus import expect as replay
-        from harness.corpus import explain
+        from harness.corpus import expect, explain
 
         s = self.config.stash[SETTINGS]
         case, meta = corpus.load(self.path)
-        checks = replay.checks_for(meta, s.backend, s.bugs)
+        checks = expect.checks_for(meta, s.backend, s.bugs)
         if not checks:
             _skip_here(f"no stored expectation for {s.backend} with bugs "
                        f"{'+'.join(s.bugs or ())}")
         if s.isolate:
-            results = replay.run_checks_in(_runner(self.config), str(self.path), s.target,
+            results = expect.run_checks_in(_runner(self.config), str(self.path), s.target,
                                            checks, s.timeout)
         else:
-            results = replay.run_checks(case, _target(self.config), checks)
+            results = expect.run_checks(case, _target(self.config), checks)
         for r in results:
             self.user_properties.append((f"moe {r.check.label}", r.got()))
         if not all(r.ok for r in results):
@@ -309,10 +307,10 @@ def _target(config: pytest.Config):
     """The in-process target, built once (a failure to build fails every item alike)."""
     state = config.stash[STATE]
     if state.target is None and state.target_error is None:
-        from harness.corpus import expect as replay
+        from harness.backends import resolve_target
 
         try:
-            state.target = replay.load_target(config.stash[SETTINGS].target)
+            state.target = resolve_target(config.stash[SETTINGS].target)
         except HarnessError as exc:
             state.target_error = exc
     if state.target_error is not None:

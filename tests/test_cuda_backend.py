@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from harness.api import execute
-from harness.backends import cuda_build, get_target
+from harness.backends import cuda_build, resolve_target
 from harness.backends.cpu import CpuTarget
 from harness.backends.cuda import CudaTarget, _Guarded, _Launch, bug_mask
 from harness.bugs import VARIANTS, BugSet
@@ -85,7 +85,7 @@ def test_cuda_target_unavailable_without_gpu(monkeypatch):
                            match=r"needs a CUDA GPU.*is_available\(\) is False"):
             CudaTarget()
         with pytest.raises(BackendUnavailable, match="needs a CUDA GPU"):
-            get_target("cuda")
+            resolve_target("cuda")
     finally:
         cuda_build.load_kernels.cache_clear()
 

@@ -25,7 +25,7 @@ from test_cuda_backend import E_CHOICES, FakeExtension, _close, header_slot_name
 
 from harness import corpus
 from harness.api import execute
-from harness.backends import get_target
+from harness.backends import resolve_target
 from harness.backends.cuda import CudaTarget
 from harness.backends.cuda_capture import Arena, GraphKey, pad_rows
 from harness.backends.cuda_graph import (
@@ -93,17 +93,17 @@ def test_bad_config_fails_before_any_build(monkeypatch):
         GraphTarget(())
 
 
-def test_get_target_graph_needs_the_cuda_backend(monkeypatch):
+def test_resolve_target_graph_needs_the_cuda_backend(monkeypatch):
     with pytest.raises(ConfigError, match="needs the cuda backend"):
-        get_target("cpu", graph=True)
+        resolve_target("cpu", graph=True)
     with pytest.raises(ConfigError, match="needs the cuda backend"):
-        get_target("cpu", capture_sizes=(1, 2))
+        resolve_target("cpu", capture_sizes=(1, 2))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     from harness.backends import cuda_build
     cuda_build.load_kernels.cache_clear()
     try:
         with pytest.raises(BackendUnavailable, match="needs a CUDA GPU"):
-            get_target("cuda", graph=True)
+            resolve_target("cuda", graph=True)
     finally:
         cuda_build.load_kernels.cache_clear()
 
@@ -399,7 +399,7 @@ def test_cli_graph_needs_the_cuda_backend(tmp_path, capsys, monkeypatch):
 def test_cli_graph_run_reports_the_capture(tmp_path, capsys, monkeypatch):
     import harness.backends as backends
 
-    monkeypatch.setattr(backends, "get_target", lambda name, graph=False: GraphTarget(
+    monkeypatch.setattr(backends, "resolve_target", lambda name, graph=False: GraphTarget(
         SIZES, device="cpu", ext=FakeExtension()))
     path = corpus.save(MoECase(24, 64, 4, seed=2, graph_padding="nan"), tmp_path)
     assert main(["run", str(path), "--graph", "--backend", "cuda",

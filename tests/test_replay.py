@@ -1,15 +1,15 @@
-"""Replaying a case against its stored expectations (harness/replay.py)."""
+"""Replaying a case against its stored expectations (harness/expect.py)."""
 
 from __future__ import annotations
 
 import pytest
 
+from harness.backends import resolve_target
 from harness.case import MoECase, Patch
-from harness.corpus import expect as replay
-from harness.corpus import explain
+from harness.corpus import expect, explain
 from harness.corpus.expect import Check, CheckResult
 from harness.corpus.format import CaseMeta, Expectation
-from harness.errors import BackendUnavailable, IsolationError
+from harness.errors import IsolationError
 from harness.findings import Finding
 
 NAN = "topk-nan-argmax"
@@ -27,23 +27,23 @@ def test_default_checks_are_the_fixed_chain_and_every_stored_variant_set():
     m = meta(Expectation(None, (NAN,), "gating:unique-ids"),
              Expectation(None, (SORT, NAN), "sort_align:permutation-bijection"),
              Expectation("cuda", (SORT,), "clean"))
-    assert replay.checks_for(m, "cpu") == [
+    assert expect.checks_for(m, "cpu") == [
         Check((), "clean", stored=False), Check((NAN,), "gating:unique-ids"),
         Check((SORT, NAN), "sort_align:permutation-bijection")]  # sorted names
-    assert Check((SORT,), "clean") in replay.checks_for(m, "cuda")
+    assert Check((SORT,), "clean") in expect.checks_for(m, "cuda")
 
 
 def test_a_backend_specific_expectation_wins():
     m = meta(Expectation(None, (), "clean"), Expectation("cuda", (), "experts:illegal-access"))
-    assert replay.checks_for(m, "cpu") == [Check((), "clean")]
-    assert replay.checks_for(m, "cuda") == [Check((), "experts:illegal-access")]
+    assert expect.checks_for(m, "cpu") == [Check((), "clean")]
+    assert expect.checks_for(m, "cuda") == [Check((), "experts:illegal-access")]
 
 
 def test_an_explicit_variant_set_checks_that_set_only():
     m = meta(Expectation(None, (NAN,), "gating:unique-ids"))
-    assert replay.checks_for(m, "cpu", [NAN]) == [Check((NAN,), "gating:unique-ids")]
-    assert replay.checks_for(m, "cpu", [SORT]) == []  # nothing stored: nothing to check
-    assert replay.checks_for(m, "cpu", []) == [Check((), "clean", stored=False)]
+    assert expect.checks_for(m, "cpu", [NAN]) == [Check((NAN,), "gating:unique-ids")]
+    assert expect.checks_for(m, "cpu", [SORT]) == []  # nothing stored: nothing to check
+    assert expect.checks_for(m, "cpu", []) == [Check((), "clean", stored=False)]
 
 
 # -- outcomes ----------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ def test_results_round_trip_through_json():
 
 def test_run_checks_on_the_cpu_model():
     case = MoECase(2, 4, 2, patches=(Patch("gating_logits", "row", "nan", row=1),))
-    fixed, variant = replay.run_checks(case, replay.load_target("cpu"),
+    fixed, variant = expect.run_checks(case, resolve_target("cpu"),
                                        [Check((), "clean"), Check((NAN,), "gating:unique-ids")])
     assert fixed.ok and fixed.findings == []
     assert variant.ok and "gating:unique-ids" in variant.signatures
@@ -99,32 +99,11 @@ class FakeRunner:
 def test_an_isolated_crash_fails_its_check_only():
     runner = FakeRunner()
     checks = [Check((), "clean"), Check((NAN,), "clean"), Check((SORT,), "clean")]
-    results = replay.run_checks_in(runner, "x.json", "cuda", checks, timeout=30)
+    results = expect.run_checks_in(runner, "x.json", "cuda", checks, timeout=30)
     assert [r.ok for r in results] == [True, False, True]
     assert results[1].error == "the child died (exit code 3)"
     assert results[1].output == "last words"
     assert runner.timeouts == [30, 30, 30]  # each replay gets the whole time-out
-
-
-# -- targets -----------------------------------------------------------------------------------
-
-
-def test_targets_by_name_and_by_module_attr():
-    assert replay.load_target("cpu").name == "cpu"
-    assert replay.load_target("harness.backends.cpu:CpuTarget").name == "cpu"
-    assert replay.target_name("harness.backends.cpu:CpuTarget") == "cpu"
-    assert replay.wants_isolation("cuda") and not replay.wants_isolation("cpu")
-    assert not replay.wants_isolation("harness.backends.cpu:CpuTarget")
-
-
-@pytest.mark.parametrize("spec, message", [
-    ("tpu", "expected cpu, cuda or module:attr"), ("no_such_module:T", "cannot import"),
-    ("harness.corpus.expect:NoSuchThing", "has no attribute"),
-    ("harness.corpus.explain:INDEX_KEYS", "not a"),
-])
-def test_bad_targets_are_named(spec, message):
-    with pytest.raises(BackendUnavailable, match=message):
-        replay.load_target(spec)
 
 
 # -- reporting ---------------------------------------------------------------------------------

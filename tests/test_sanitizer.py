@@ -205,7 +205,7 @@ def test_cases_with_their_own_variants_share_one_process(fake_sanitizer, three_c
         replay_under_sanitizer([(three_cases[0], ["no-such-bug"])], "memcheck", backend="cpu")
 
 
-def _unpoisoned_cpu_target(backend: str, checks: bool):
+def _unpoisoned_cpu_target(backend: str, *, coverage: bool = True, checks: bool = True):
     """The cpu backend standing in for the cuda backend: with `checks` off, lora_align's
     never-written entries read as zeros (fresh device memory), not poison."""
     from harness.backends.cpu import CpuTarget
@@ -236,7 +236,7 @@ def test_poison_checks_are_set_aside_without_poison(checks, tmp_path, monkeypatc
 
     path = corpus.save(MoECase(16, 8, 2, seed=9, max_loras=3,
                                adapter_enabled=(True, False, True)), tmp_path)
-    monkeypatch.setattr(sanitizer_replay, "make_target", _unpoisoned_cpu_target)
+    monkeypatch.setattr(sanitizer_replay, "resolve_target", _unpoisoned_cpu_target)
     assert sanitizer_replay.replay({"backend": "cuda", "bugs": [], "checks": checks,
                                     "cases": [{"index": 0, "path": str(path)}]}) == 0
     log = _ProcessLog(returncode=0)

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from harness import corpus
+from harness.backends import resolve_target
 from harness.case import Fault, Generated, MoECase, Overrides, Patch
-from harness.corpus import expect as replay
-from harness.corpus import explain
+from harness.corpus import expect, explain
 from harness.corpus.format import CaseMeta, Expectation
 
 
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default="corpus")
     parser.add_argument("--backend", default="cpu")
     args = parser.parse_args(argv)
-    target = replay.load_target(args.backend)
+    target = resolve_target(args.backend)
     bad = 0
     for entry in SEEDS + BUGS:
         if entry.case.severity != "legal" and entry.directory == "seeds":
@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             bad += 1
             continue
         meta = meta_of(entry)
-        results = replay.run_checks(entry.case, target,
-                                    replay.checks_for(meta, args.backend))
+        results = expect.run_checks(entry.case, target,
+                                    expect.checks_for(meta, args.backend))
         if not all(r.ok for r in results):
             print(explain.explain(entry.directory, args.backend, entry.case, results),
                   file=sys.stderr)

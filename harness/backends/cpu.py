@@ -11,27 +11,14 @@ from harness.chain.target import Target
 
 
 class CpuTarget(Target):
-    """A faithful CPU model of the kernels, with checked buffers and poison."""
+    """A faithful CPU model of the kernels, with checked buffers and poison: each stage is
+    the stage module's `*_cpu` function itself."""
 
     name = "cpu"
-
-    def gating(self, inp, ctx):
-        return gating_cpu(inp, ctx)
-
-    def dispatch(self, inp, ctx):
-        return dispatch_cpu(inp, ctx)
-
-    def sort_align(self, inp, ctx):
-        return sort_align_cpu(inp, ctx)
-
-    def experts(self, inp, ctx):
-        return experts_cpu(inp, ctx)
-
-    def finalize(self, inp, ctx):
-        return finalize_cpu(inp, ctx)
-
-    def combine(self, inp, ctx):
-        return combine_cpu(inp, ctx)
-
-    def lora_align(self, inp, ctx):
-        return lora_align_cpu(inp, ctx)
+    gating = staticmethod(gating_cpu)
+    dispatch = staticmethod(dispatch_cpu)
+    sort_align = staticmethod(sort_align_cpu)
+    experts = staticmethod(experts_cpu)
+    finalize = staticmethod(finalize_cpu)
+    combine = staticmethod(combine_cpu)
+    lora_align = staticmethod(lora_align_cpu)

@@ -151,6 +151,8 @@ class CudaTarget(Target):
     """The bundled CUDA kernel chain (`kernels/`), built on first use (`cuda_build`)."""
 
     name = "cuda"
+    #: a kernel fault (an illegal address) poisons the CUDA context of the process it ran in
+    isolate = True
 
     def __init__(self, device: int | str | torch.device | None = None, coverage: bool = True,
                  ext: ModuleType | None = None, checks: bool = True) -> None:

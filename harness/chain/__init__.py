@@ -16,11 +16,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-import torch
-
 from harness.bugs import FIXED, BugSet
 
-STAGES = ("gating", "dispatch", "sort_align", "experts", "finalize", "lora_align")
+#: every stage, in the order a run executes them (lora_align right after gating, on its ids)
+STAGES = ("gating", "lora_align", "dispatch", "sort_align", "experts", "finalize", "combine")
 
 
 @dataclass
@@ -37,12 +36,3 @@ class StageContext:
     def cover(self, name: str, count: int = 1) -> None:
         if count:
             self.coverage[name] += int(count)
-
-
-def framed(table: torch.Tensor, fill: int) -> torch.Tensor:
-    """[fill, *table, fill] (1-D): a lookup table framed by two "nobody" entries, so an index
-    clamped to [-1, n] and shifted by one never reads outside it. (F.pad costs several times
-    more on the tiny tables of small cases.)"""
-    out = table.new_full((table.numel() + 2,), fill)
-    out[1:-1] = table
-    return out

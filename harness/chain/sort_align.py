@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from harness import geometry
-from harness.chain import StageContext, framed
-from harness.memory import CheckedBuffer
+from harness.chain import StageContext
+from harness.memory import CheckedBuffer, framed
 
 STAGE = "sort_align"
 

@@ -14,15 +14,13 @@ process (`run_checks`) or in an isolated child (`run_check_isolated`, the functi
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.errors import BackendUnavailable, HarnessError
+from harness.errors import HarnessError
 
-BUILTIN_BACKENDS = ("cpu", "cuda")
 #: details keys that index the offending entries; the keys after one are its columns
 INDEX_KEYS = ("rows", "slots", "positions", "adapters")
 CELL_WIDTH = 56
@@ -117,56 +115,6 @@ class CheckResult:
                    obj["output"], obj["seconds"])
 
 
-# -- targets -----------------------------------------------------------------------------------
-
-
-def resolve_target(spec: str) -> Any:
-    """The object a target spec names: "cpu" / "cuda" (returned as is) or "module:attr" (a
-    `Target` instance, a `Target` class or a factory returning one), imported."""
-    if spec in BUILTIN_BACKENDS:
-        return spec
-    module, sep, attr = spec.partition(":")
-    if not sep or not module or not attr:
-        raise BackendUnavailable(f"target '{spec}': expected cpu, cuda or module:attr")
-    try:
-        obj = importlib.import_module(module)
-    except ImportError as exc:
-        raise BackendUnavailable(f"target '{spec}': cannot import {module}: {exc}") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise BackendUnavailable(f"target '{spec}': {module} has no attribute {attr}")
-        obj = getattr(obj, part)
-    return obj
-
-
-def load_target(spec: str):
-    """A ready `Target` for `spec` (see `resolve_target`)."""
-    from harness.backends import Target, get_target
-
-    obj = resolve_target(spec)
-    if isinstance(obj, str):
-        return get_target(obj)
-    if not isinstance(obj, Target):
-        obj = obj() if callable(obj) else obj
-    if not isinstance(obj, Target):
-        raise BackendUnavailable(f"target '{spec}' is a {type(obj).__name__}, not a "
-                                 "harness.backends.Target")
-    return obj
-
-
-def target_name(spec: str) -> str:
-    """The backend name expectations are looked up by: cpu, cuda, or the target's `name`."""
-    obj = resolve_target(spec)
-    return obj if isinstance(obj, str) else str(getattr(obj, "name", "target"))
-
-
-def wants_isolation(spec: str) -> bool:
-    """Whether a target asks to run in a child process (cuda always; a user target with a
-    true `isolate` attribute)."""
-    obj = resolve_target(spec)
-    return obj == "cuda" if isinstance(obj, str) else bool(getattr(obj, "isolate", False))
-
-
 # -- running -----------------------------------------------------------------------------------
 
 
@@ -192,9 +140,10 @@ def prepare_target(target: str) -> None:
     """The child's set-up (`harness.isolation.Isolated(setup=...)`): import torch and the
     chain, build or load the target's kernels, before any check's time-out starts."""
     import harness.api  # noqa: F401  (torch and the whole chain)
+    from harness.backends import resolve_target
 
     if target not in _CHILD_TARGETS:
-        _CHILD_TARGETS[target] = load_target(target)
+        _CHILD_TARGETS[target] = resolve_target(target)
 
 
 def run_check_isolated(path: str, target: str, check: dict[str, Any]) -> dict[str, Any]:
@@ -210,7 +159,7 @@ def run_check_isolated(path: str, target: str, check: dict[str, Any]) -> dict[st
         result = run_check(case, tgt, Check.from_json(check))
     finally:
         try:
-            getattr(tgt, "check_usable", lambda: None)()
+            tgt.check_usable()
         except HarnessError:
             _CHILD_TARGETS.pop(target, None)
             isolation.request_restart()

@@ -7,7 +7,8 @@ import shlex
 from collections.abc import Sequence
 from typing import Any
 
-from harness.corpus.expect import BUILTIN_BACKENDS, CheckResult
+from harness.backends import BACKENDS
+from harness.corpus.expect import CheckResult
 
 #: details keys that index the offending entries; the keys after one are its columns
 INDEX_KEYS = ("rows", "slots", "positions", "adapters")
@@ -16,7 +17,7 @@ CELL_WIDTH = 56
 
 def reproduce_command(path: str, target: str, bugs: Sequence[str]) -> str:
     """The shell command that replays one check by hand."""
-    if target in BUILTIN_BACKENDS:
+    if target in BACKENDS:
         words = ["moe-harness", "run", path, "--backend", target]
         for b in bugs:
             words += ["--bug", b]

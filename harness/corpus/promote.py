@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import corpus
-from harness.corpus import expect as replay
-from harness.corpus import explain
+from harness.backends import resolve_target
+from harness.corpus import expect, explain
 from harness.corpus.format import CaseMeta, Expectation
 from harness.errors import HarnessError
 
@@ -69,9 +69,8 @@ def promote(finding: str | Path, kind: str = "regression", root: str | Path = "c
     new = promoted_meta(meta, kind, Path(finding).name)
     results: tuple = ()
     if verify is not None:
-        target = replay.load_target(verify)
-        results = tuple(replay.run_checks(case, target,
-                                          replay.checks_for(new, replay.target_name(verify))))
+        target = resolve_target(verify)
+        results = tuple(expect.run_checks(case, target, expect.checks_for(new, target.name)))
         if not all(r.ok for r in results):
             report = explain.explain(str(finding), verify, case, results)
             raise PromotionRefused(f"{finding} does not meet its corpus expectation on "

@@ -15,24 +15,26 @@ Cases cross to the worker as corpus JSON (`harness.corpus`), outcomes come back 
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import mmap
 import os
 import tempfile
 import traceback
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from harness.backends import resolve_target, target_traits
 from harness.bugs import BugSet
 from harness.case import MoECase
-from harness.chain.target import Target
+from harness.chain import STAGES as CHAIN_STAGES
+from harness.chain.target import StageHooks, Target
 from harness.errors import BackendUnavailable, CaseError, IsolationError
 from harness.findings import Finding
 
 #: the stages a worker reports being in ("chain": a whole-chain replay, `Target.run_chain`)
-STAGES = ("gating", "dispatch", "sort_align", "experts", "finalize", "combine", "lora_align",
-          "chain")
+STAGES = (*CHAIN_STAGES, "chain")
 FeatureFn = Callable[[object], list[int]]
 
 
@@ -139,61 +141,29 @@ class InProcessExecutor(Executor):
 # -- the worker process -----------------------------------------------------------------------
 
 
-class _Tracked(Target):
-    """A target that writes the stage it enters (index + 1 into `STAGES`) into a shared byte,
-    so the parent can name the stage of a crash or a hang."""
+class _Tracked(StageHooks):
+    """A target that writes the stage it is in (index + 1 into `STAGES`, 0 between stages)
+    into a shared byte, so the parent can name the stage of a crash or a hang."""
 
     def __init__(self, inner: Target, mark: mmap.mmap | None) -> None:
-        self.inner, self.mark = inner, mark
-        self.name, self.limits = inner.name, inner.limits
+        super().__init__(inner)
+        self.mark = mark
 
-    def _enter(self, stage: str):
+    @contextlib.contextmanager
+    def around(self, stage: str) -> Iterator[None]:
         if self.mark is not None:
             self.mark[0] = STAGES.index(stage) + 1
-        return getattr(self.inner, stage)
-
-    def gating(self, inp, ctx):
-        return self._enter("gating")(inp, ctx)
-
-    def dispatch(self, inp, ctx):
-        return self._enter("dispatch")(inp, ctx)
-
-    def sort_align(self, inp, ctx):
-        return self._enter("sort_align")(inp, ctx)
-
-    def experts(self, inp, ctx):
-        return self._enter("experts")(inp, ctx)
-
-    def finalize(self, inp, ctx):
-        return self._enter("finalize")(inp, ctx)
-
-    def combine(self, inp, ctx):
-        return self._enter("combine")(inp, ctx)
-
-    def lora_align(self, inp, ctx):
-        return self._enter("lora_align")(inp, ctx)
-
-    def run_chain(self, case, bugs):
-        if self.mark is not None:
-            self.mark[0] = STAGES.index("chain") + 1
-        whole = self.inner.run_chain(case, bugs)
-        if self.mark is not None:
+        yield
+        if self.mark is not None and stage == "chain":
             self.mark[0] = 0
-        return whole
 
     def usable(self) -> bool:
         """False once the target reports a poisoned context (its `check_usable` raises)."""
-        check = getattr(self.inner, "check_usable", None)
-        if check is None:
-            return True
         try:
-            check()
+            self.check_usable()
         except BackendUnavailable:
             return False
         return True
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 #: the worker's targets, built once per worker process: (spec, coverage, graph, mark) -> target
@@ -208,7 +178,8 @@ def _worker_target(target: str, device_coverage: bool, graph: bool,
         if stage_file is not None:
             with open(stage_file, "r+b") as f:
                 mark = mmap.mmap(f.fileno(), 1)
-        _TARGETS[key] = _Tracked(make_target(target, device_coverage, graph), mark)
+        _TARGETS[key] = _Tracked(resolve_target(target, graph=graph, coverage=device_coverage),
+                                 mark)
     return _TARGETS[key]
 
 
@@ -347,27 +318,16 @@ class WorkerExecutor(Executor):
 # -- construction -------------------------------------------------------------------------------
 
 
-def make_target(target: str, device_coverage: bool = True, graph: bool = False) -> Target:
-    """The target `target`: a backend name ("cpu", "cuda") or "module:attr" (a user's own
-    kernels, as `harness.corpus.expect.load_target` resolves it). `device_coverage` switches
-    the cuda backend's coverage counters, `graph` its CUDA-graph replay."""
-    from harness.backends import get_target
-
-    if ":" in target:
-        from harness.corpus.expect import load_target
-
-        return load_target(target)
-    return get_target(target, graph=graph, coverage=device_coverage)
-
-
 def make_executor(target: str, bugs: BugSet | tuple[str, ...] = (), *,
                   device_coverage: bool = True, graph: bool = False, timeout: float = 10.0,
                   isolate: bool | None = None, features: FeatureFn | None = None) -> Executor:
-    """An executor for `target`: a worker process for cuda (or `isolate=True`), in-process
-    otherwise (`features`: the in-process feature function, default `features.features`)."""
+    """An executor for `target`: a worker process for a target that asks for isolation (cuda,
+    a user's target with `isolate = True`) or with `isolate=True`, in-process otherwise
+    (`features`: the in-process feature function, default `features.features`)."""
     if isolate is None:
-        isolate = target == "cuda"
+        isolate = target_traits(target)[1]
     if isolate:
         return WorkerExecutor(target, bugs, device_coverage=device_coverage, graph=graph,
                               timeout=timeout)
-    return InProcessExecutor(make_target(target, device_coverage, graph), bugs, features)
+    return InProcessExecutor(resolve_target(target, graph=graph, coverage=device_coverage),
+                             bugs, features)

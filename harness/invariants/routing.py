@@ -7,7 +7,6 @@ import math
 import torch
 
 from harness import oracle
-from harness.chain import framed
 from harness.chain.result import RunResult
 from harness.invariants.common import (
     MASK_VALUE,
@@ -19,6 +18,7 @@ from harness.invariants.common import (
     first,
     shape_of,
 )
+from harness.memory import framed
 
 # -- gating ------------------------------------------------------------------------------------
 

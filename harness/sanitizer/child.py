@@ -21,23 +21,23 @@ case), 4 the backend cannot run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from harness.chain.target import Target
+from harness.backends import resolve_target
+from harness.chain.target import StageHooks, Target
 from harness.sanitizer.report import CASE_FRAME_PREFIX
 
 MARKER = "@@moe-harness "
 EXIT_CONTEXT_LOST = 3
 EXIT_UNAVAILABLE = 4
-_STAGE_METHODS = ("gating", "dispatch", "sort_align", "experts", "finalize", "combine",
-                  "lora_align")
 #: invariant checks that tell never-written memory by its poison pattern (harness.memory):
 #: sort_align/lora_align "no-poison" (a row that must be written holds poison) and lora_align
 #: "disabled-untouched" (a skipped adapter's row is not all poison). Without poison an untouched
@@ -77,49 +77,24 @@ class _Nvtx:
                 self.on = False
 
 
-class MarkedTarget(Target):
+class MarkedTarget(StageHooks):
     """`inner` with a marker (and an NVTX range) around every stage it runs."""
 
     def __init__(self, inner: Target, marker: Callable[..., None] = emit) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.limits = inner.limits
+        super().__init__(inner)
         self.case = -1
         self.marker = marker
         self.nvtx = _Nvtx()
 
-    def _stage(self, stage: str, inp, ctx):
+    @contextlib.contextmanager
+    def around(self, stage: str) -> Iterator[None]:
         self.marker("stage", i=self.case, stage=stage)
         self.nvtx.push(f"moe-harness:{self.case}:{stage}")
         try:
-            return getattr(self.inner, stage)(inp, ctx)
+            yield
         finally:
             self.nvtx.pop()
             self.marker("stage-end", i=self.case, stage=stage)
-
-    def gating(self, inp, ctx):
-        return self._stage("gating", inp, ctx)
-
-    def dispatch(self, inp, ctx):
-        return self._stage("dispatch", inp, ctx)
-
-    def sort_align(self, inp, ctx):
-        return self._stage("sort_align", inp, ctx)
-
-    def experts(self, inp, ctx):
-        return self._stage("experts", inp, ctx)
-
-    def finalize(self, inp, ctx):
-        return self._stage("finalize", inp, ctx)
-
-    def combine(self, inp, ctx):
-        return self._stage("combine", inp, ctx)
-
-    def lora_align(self, inp, ctx):
-        return self._stage("lora_align", inp, ctx)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def _run_case(case, target, bugs):
@@ -144,13 +119,6 @@ def split_findings(findings: list[dict[str, Any]],
     return keep, [f for f in findings if f.get("check") in POISON_CHECKS]
 
 
-def make_target(backend: str, checks: bool) -> Target:
-    """The backend to replay on; the cuda one without redzones and poison if `checks` is off."""
-    from harness.backends import get_target
-
-    return get_target(backend, coverage=False, checks=checks)
-
-
 def replay(manifest: dict[str, Any]) -> int:
     """Run the manifest's cases in order, with markers; the exit code (see the module doc)."""
     from harness import corpus
@@ -160,12 +128,13 @@ def replay(manifest: dict[str, Any]) -> int:
     emit("start", pid=os.getpid())
     try:
         bugs = BugSet.of(manifest.get("bugs", []))
-        inner = make_target(manifest.get("backend", "cuda"), bool(manifest.get("checks", True)))
+        inner = resolve_target(manifest.get("backend", "cuda"), coverage=False,
+                               checks=bool(manifest.get("checks", True)))
     except HarnessError as exc:
         emit("unavailable", message=str(exc))
         return EXIT_UNAVAILABLE
     target = MarkedTarget(inner)
-    poisoned = bool(getattr(inner, "checks", True))  # the cpu backend always poisons
+    poisoned = inner.checks  # the cpu backend always poisons
     for entry in manifest["cases"]:
         i = int(entry["index"])
         target.case = i
@@ -182,15 +151,13 @@ def replay(manifest: dict[str, Any]) -> int:
         emit("case-end", i=i, seconds=time.perf_counter() - start, findings=findings,
              set_aside=set_aside,
              rejected=None if result.rejected is None else str(result.rejected))
-        check = getattr(inner, "check_usable", None)
-        if check is not None:
-            try:
-                check()
-            except BackendUnavailable as exc:
-                emit("context-lost", i=i, message=str(exc))
-                sys.stderr.flush()
-                # skip interpreter teardown: it would call into the dead context again
-                os._exit(EXIT_CONTEXT_LOST)
+        try:
+            inner.check_usable()
+        except BackendUnavailable as exc:
+            emit("context-lost", i=i, message=str(exc))
+            sys.stderr.flush()
+            # skip interpreter teardown: it would call into the dead context again
+            os._exit(EXIT_CONTEXT_LOST)
     emit("done")
     return 0
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from harness.chain import STAGES
+
 T = TypeVar("T")
-#: the chain's stages, in the order the runner calls them
-STAGES = ("gating", "lora_align", "dispatch", "sort_align", "experts", "finalize", "combine")
 #: kernel source file -> stage, where the file's name is not the stage's
 _FILE_STAGE = {"a2a_sanitize": "dispatch", "redzone_selftest": "selftest"}
 _GLOBAL_RE = re.compile(
