@@ -183,11 +183,11 @@ def triage(findings_dir: Annotated[Path, typer.Argument(metavar="FINDINGS_DIR")]
            timeout: TimeoutOpt = 300.0) -> None:
     """Replay every finding under memcheck and initcheck, attach the reports to its metadata
     and print one line per root-cause group (count, signature, the findings' own checks)."""
-    from harness.sanitizer.run import SanitizerConfig
-    from harness.sanitizer.triage import ALL_TOOLS, BASE_TOOLS
+    from harness.sanitizer.run import TOOLS, SanitizerConfig
+    from harness.sanitizer.triage import BASE_TOOLS
     from harness.sanitizer.triage import triage as run_triage
 
-    tools = ALL_TOOLS if all_tools else BASE_TOOLS
+    tools = TOOLS if all_tools else BASE_TOOLS
     with out.status(f"replaying findings under {', '.join(tools)}"):
         groups = run_triage(findings_dir, tools, backend, SanitizerConfig(case_timeout_s=timeout))
     for g in groups:
@@ -220,7 +220,8 @@ def corpus_add(
 ) -> None:
     """Promote a finding into the corpus, expected clean on the fixed chain from now on (its
     variant expectations kept); exit 1, writing nothing, if it is not clean yet."""
-    from harness.corpus.promote import PromotionRefused, promote
+    from harness.corpus.promote import promote
+    from harness.errors import PromotionRefused
 
     try:
         done = promote(finding, as_, corpus_root, backend if verify else None)
@@ -370,10 +371,9 @@ def minimize_cmd(case_file: Annotated[Path, typer.Argument(metavar="CASE.json")]
     from harness import corpus
     from harness.corpus.format import CaseMeta, Expectation
     from harness.fuzz.minimize import MinimizeConfig, minimize_case
-    from harness.sanitizer.triage import finding_bugs
 
     case, meta = corpus.load(case_file)
-    bugs = tuple(bug) if bug else finding_bugs(meta)
+    bugs = tuple(bug) if bug else meta.found_with()
     signature, res = minimize_case(case, backend, bugs, signature or meta.signature,
                                    MinimizeConfig(max_runs, seconds))
     c0, c1 = res.original, res.case

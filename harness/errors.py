@@ -129,3 +129,12 @@ class CodecError(HarnessError):
     def __init__(self, field: str, message: str) -> None:
         self.field = field
         super().__init__(f"fuzz codec, field '{field}': {message}")
+
+
+class PromotionRefused(HarnessError):
+    """The promoted case does not meet its new expectations (the fixed chain still finds
+    something): promoting it would add a failing test. `report` holds the replay's report."""
+
+    def __init__(self, message: str, report: str) -> None:
+        self.report = report
+        super().__init__(message)

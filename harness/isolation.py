@@ -42,8 +42,11 @@ def request_restart() -> None:
     _restart_requested = True
 
 
-def describe_exit(returncode: int) -> str:
-    """'killed by signal SIGSEGV' or 'exit code 3'."""
+def describe_exit(returncode: int | None) -> str:
+    """'killed by signal SIGSEGV' or 'exit code 3': how a child process ended, in the words
+    every report of the harness uses."""
+    if returncode is None:
+        return "no exit status"
     if returncode < 0:
         try:
             return f"killed by signal {signal.Signals(-returncode).name}"

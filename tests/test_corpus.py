@@ -570,3 +570,18 @@ def test_property_round_trip(case: MoECase) -> None:
     assert corpus.dumps(loaded) == text
     assert corpus.content_hash(loaded) == corpus.content_hash(case)
     assert_same_materialized(case, loaded)
+
+
+def test_found_with_reads_the_variants_the_store_writes(tmp_path):
+    """The findings store and the fuzzer's sanitizer write extra["variants"]; triage and the
+    CLI read a finding's variant set through `CaseMeta.found_with` alone."""
+    from harness.findings import Finding
+    from harness.fuzz.store import FindingStore
+
+    store = FindingStore(tmp_path, "cpu", ("topk-nan-argmax",), 0)
+    stored = store.record(MoECase(2, 4, 2), Finding("gating", "unique-ids", "dup"), 0.1, 1)
+    _, meta = corpus.load(stored.path)
+    assert meta.found_with() == ("topk-nan-argmax",)
+    no_expectation = CaseMeta(signature="gating:unique-ids", extra={"variants": ["b", "a"]})
+    assert no_expectation.found_with() == ("a", "b")
+    assert CaseMeta().found_with() == ()

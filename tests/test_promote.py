@@ -7,8 +7,8 @@ import pytest
 from harness import corpus
 from harness.case import Fault, MoECase, Patch
 from harness.corpus.format import CaseMeta, Expectation
-from harness.corpus.promote import PromotionRefused, promote, promoted_meta
-from harness.errors import HarnessError
+from harness.corpus.promote import promote, promoted_meta
+from harness.errors import HarnessError, PromotionRefused
 
 NAN = "topk-nan-argmax"
 

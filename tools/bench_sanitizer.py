@@ -46,8 +46,8 @@ from harness.sanitizer.run import (  # noqa: E402
     replay_cases,
     small_cases,
 )
+from harness.sanitizer.triage import BASE_TOOLS  # noqa: E402
 
-BASE_TOOLS = ("memcheck", "initcheck")
 PLAIN = ("invariant", "redzone/poison", "device fault")
 #: tools that get only the cases up to SMALL_CASE_BYTES (see harness.sanitizer)
 SMALL_ONLY = ("initcheck",)

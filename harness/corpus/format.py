@@ -63,6 +63,8 @@ from harness.case import (
 from harness.errors import CaseError, CorpusError
 
 SCHEMA_VERSION = 1
+#: the key of `CaseMeta.extra` that lists the variants a finding was found with
+VARIANTS_KEY = "variants"
 #: tensors up to this many elements are written as plain lists (when exact), others as base64
 LIST_MAX_ELEMENTS = 64
 DTYPES: dict[str, torch.dtype] = {
@@ -438,6 +440,18 @@ class CaseMeta:
         key = tuple(sorted(set(bugs)))
         hits = {e.backend: e.outcome for e in self.expect if e.bugs == key}
         return hits.get(backend, hits.get(None))
+
+    def found_with(self) -> tuple[str, ...]:
+        """The variant set the case's finding was found with (empty: the fixed chain): its
+        expectation of its own signature, else `extra["variants"]` as the findings store and
+        the fuzzer's sanitizer write it."""
+        for e in self.expect:
+            if e.outcome != "clean" and (self.signature is None or e.outcome == self.signature):
+                return e.bugs
+        variants = self.extra.get(VARIANTS_KEY)
+        if isinstance(variants, list) and all(isinstance(b, str) for b in variants):
+            return tuple(sorted(variants))
+        return ()
 
     def merged(self, newer: CaseMeta) -> CaseMeta:
         """`newer` wins; expectations (per backend and variant set) and `extra` are unioned,

@@ -19,19 +19,10 @@ from harness import corpus
 from harness.backends import resolve_target
 from harness.corpus import expect, explain
 from harness.corpus.format import CaseMeta, Expectation
-from harness.errors import HarnessError
+from harness.errors import HarnessError, PromotionRefused
 
 #: where each kind of promoted case goes, under the corpus root
 KINDS = {"regression": "regressions", "seed": "seeds"}
-
-
-class PromotionRefused(HarnessError):
-    """The promoted case does not meet its new expectations (the fixed chain still finds
-    something): promoting it would add a failing test. `report` holds the replay's report."""
-
-    def __init__(self, message: str, report: str) -> None:
-        self.report = report
-        super().__init__(message)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import BackendUnavailable, HarnessError, SanitizerUnavailable
+from harness.isolation import describe_exit
 from harness.sanitizer.child import EXIT_CONTEXT_LOST, MARKER
 from harness.sanitizer.report import (
     ParsedOutput,
@@ -53,6 +54,7 @@ from harness.sanitizer.report import (
     with_place,
 )
 
+#: compute-sanitizer's tools, memcheck and initcheck (the default triage) first
 TOOLS = ("memcheck", "initcheck", "racecheck", "synccheck")
 #: the environment every replay child gets (see the module docstring)
 CHILD_ENV = {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1", "PYTHONUNBUFFERED": "1"}
@@ -324,13 +326,6 @@ def _line_event(line: str, log: _ProcessLog) -> str | None:
 # -- interpreting one process ------------------------------------------------------------------
 
 
-def _exit_text(returncode: int | None) -> str:
-    if returncode is not None and returncode < 0:
-        with contextlib.suppress(ValueError):
-            return f"killed by {signal.Signals(-returncode).name}"
-    return f"exit code {returncode}"
-
-
 def _text_records(log: _ProcessLog, tool: str) -> tuple[ParsedOutput, list[tuple[int | None,
                                                                             str | None]]]:
     """The text records of a process, each with the (case, stage) running when it began."""
@@ -423,7 +418,7 @@ def _interpret(log: _ProcessLog, tool: str | None, xml_path: Path | None,
             cases[i].status = "timeout"
             cases[i].message = "no progress within the time-out (a hang?)"
         else:
-            cases[i].message = (f"the replay process died ({_exit_text(log.returncode)}): "
+            cases[i].message = (f"the replay process died ({describe_exit(log.returncode)}): "
                                 f"{log.stderr_tail.strip()[-300:]}")
     if tool is not None:
         parsed = parse_xml(xml_path, tool) if xml_path is not None and xml_path.exists() \

@@ -20,26 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from harness import corpus
-from harness.corpus.format import CaseMeta
 from harness.errors import HarnessError
 from harness.sanitizer.report import SanitizerReport
-from harness.sanitizer.run import SanitizerConfig, SanitizerRun, replay_under_sanitizer
+from harness.sanitizer.run import TOOLS, SanitizerConfig, SanitizerRun, replay_under_sanitizer
 
-BASE_TOOLS = ("memcheck", "initcheck")
-ALL_TOOLS = ("memcheck", "initcheck", "racecheck", "synccheck")
+#: the tools a triage runs by default (the others of `TOOLS` with --all-tools)
+BASE_TOOLS = TOOLS[:2]
 #: reports kept per tool in a finding's metadata
 MAX_STORED_REPORTS = 20
-
-
-def finding_bugs(meta: CaseMeta) -> tuple[str, ...]:
-    """The variant set a finding was found with (empty: the fixed chain)."""
-    for e in meta.expect:
-        if e.outcome != "clean" and (meta.signature is None or e.outcome == meta.signature):
-            return e.bugs
-    bugs = meta.extra.get("bugs")
-    if isinstance(bugs, list) and all(isinstance(b, str) for b in bugs):
-        return tuple(sorted(bugs))
-    return ()
 
 
 def root_cause(reports: list[SanitizerReport]) -> str | None:
@@ -117,7 +105,7 @@ def triage(findings_dir: str | Path, tools: tuple[str, ...] = BASE_TOOLS,
     by_bugs: dict[tuple[str, ...], list[TriagedFinding]] = defaultdict(list)
     for p in paths:
         _, meta = corpus.load(p)
-        f = TriagedFinding(str(p), meta.signature, finding_bugs(meta))
+        f = TriagedFinding(str(p), meta.signature, meta.found_with())
         found.append(f)
         by_bugs[f.bugs].append(f)
     for bugs, group in by_bugs.items():
