@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import struct
 import zlib
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
@@ -22,6 +23,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from harness.errors import CaseError
+from harness.memory import bits_view
 
 Scoring = Literal["softmax", "sigmoid"]
 DType = Literal["fp32", "fp16", "bf16"]
@@ -588,3 +590,57 @@ def active_lora_ids(mapping: torch.Tensor, max_loras: int) -> torch.Tensor:
     out = torch.full((max_loras + 1,), -1, dtype=torch.int32)
     out[: present.numel()] = present.to(torch.int32)
     return out
+
+
+# -- equality ----------------------------------------------------------------------------------
+
+
+def value_key(v: object) -> tuple:
+    """Equality of table values: floats by their bits (-0.0 is not 0.0), every NaN one NaN."""
+    if isinstance(v, float):
+        return ("nan",) if math.isnan(v) else ("f", struct.pack("<d", v))
+    return (type(v).__name__, v)
+
+
+def _same(x: object, y: object) -> bool:
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+            return False
+        if x.dtype != y.dtype or x.shape != y.shape:
+            return False
+        if not x.is_floating_point():
+            return bool(torch.equal(x, y))
+        same = bits_view(x) == bits_view(y)
+        return bool((same | (x.isnan() & y.isnan())).all())
+    if isinstance(x, tuple) and isinstance(y, tuple):
+        return len(x) == len(y) and all(_same(a, b) for a, b in zip(x, y, strict=True))
+    if dataclasses.is_dataclass(x) and type(x) is type(y):
+        return all(_same(getattr(x, f.name), getattr(y, f.name)) for f in dataclasses.fields(x))
+    numbers = (int, float)
+    if (isinstance(x, numbers) and isinstance(y, numbers) and not isinstance(x, bool)
+            and not isinstance(y, bool) and (isinstance(x, float) or isinstance(y, float))):
+        return value_key(float(x)) == value_key(float(y))
+    return type(x) is type(y) and x == y
+
+
+def difference(a: MoECase, b: MoECase) -> str | None:
+    """The first field in which two cases differ ("patches[2].value"), None if they are equal
+    (tensors bit for bit, every NaN equal to every NaN, -0.0 unequal to 0.0)."""
+    def walk(x: object, y: object, where: str) -> str | None:
+        if _same(x, y):
+            return None
+        if isinstance(x, tuple) and isinstance(y, tuple) and len(x) == len(y):
+            for i, (u, v) in enumerate(zip(x, y, strict=True)):
+                if (found := walk(u, v, f"{where}[{i}]")) is not None:
+                    return found
+        elif dataclasses.is_dataclass(x) and type(x) is type(y):
+            for f in dataclasses.fields(x):
+                found = walk(getattr(x, f.name), getattr(y, f.name), f"{where}.{f.name}")
+                if found is not None:
+                    return found
+        return where
+
+    for f in dataclasses.fields(MoECase):
+        if (found := walk(getattr(a, f.name), getattr(b, f.name), f.name)) is not None:
+            return found
+    return None

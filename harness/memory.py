@@ -21,23 +21,28 @@ POISON_BITS: dict[torch.dtype, int] = {
     torch.float16: 0x7EAD,
     torch.bfloat16: 0x7FAD,
 }
-_BITS_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16,
-              torch.bfloat16: torch.int16, torch.int32: torch.int32}
+#: the integer dtype of each element size: a tensor's bits, for exact comparisons and fills
+BITS_DTYPE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bits_view(x: torch.Tensor) -> torch.Tensor:
+    """`x`'s bits as integers of its element size (contiguous): exact comparison of values,
+    NaN payloads and -0.0 included, and fills of any bit pattern."""
+    return x.contiguous().view(BITS_DTYPE[x.element_size()])
 
 POISON_I32 = POISON_BITS[torch.int32]
 
 
 def poison_like(shape: tuple[int, ...] | int, dtype: torch.dtype) -> torch.Tensor:
     """A tensor of `shape` filled with the poison pattern of `dtype`."""
-    bits = _BITS_VIEW[dtype]
+    bits = BITS_DTYPE[torch.empty((), dtype=dtype).element_size()]
     return torch.full(shape if isinstance(shape, tuple) else (shape,), POISON_BITS[dtype],
                       dtype=bits).view(dtype)
 
 
 def is_poison(x: torch.Tensor) -> torch.Tensor:
     """Elementwise: does `x` still hold its dtype's poison pattern (compared bitwise)?"""
-    bits = _BITS_VIEW[x.dtype]
-    return x.contiguous().view(bits) == POISON_BITS[x.dtype]
+    return bits_view(x) == POISON_BITS[x.dtype]
 
 
 class CheckedBuffer:

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from harness import geometry
-from harness.case import Generated, MoECase, Overrides, Patch
+from harness.case import Generated, MoECase, Overrides, Patch, difference
 from harness.corpus.format import iter_corpus, load
 from harness.demo import demo_cases
 from harness.errors import CaseError, CodecError, LaunchConfigError
@@ -22,7 +22,6 @@ from harness.fuzz.codec import (
     LARGE_LIMITS,
     CodecLimits,
     decode,
-    difference,
     encode,
     launch_thresholds,
 )

@@ -35,7 +35,7 @@ from harness.chain.lora_align import LoraAlignInput, LoraAlignOutput
 from harness.chain.sort_align import SortAlignInput, SortAlignOutput
 from harness.chain.target import Target
 from harness.errors import BackendUnavailable, ContractError, IllegalAccess, LaunchConfigError
-from harness.memory import POISON_BITS
+from harness.memory import POISON_BITS, bits_view
 
 #: guard band on each side of every device buffer, in bytes (a multiple of 256: alignment)
 REDZONE_BYTES = 256
@@ -43,8 +43,6 @@ CANARY_BYTE = 0xA5
 #: largest guard band sized to a LoRA row range (see `CudaTarget.lora_align`)
 MAX_GUARD_BYTES = 256 << 20
 SCORING_CODES = {"softmax": 0, "sigmoid": 1}
-_BITS_DTYPE = {torch.float32: torch.int32, torch.int32: torch.int32,
-               torch.float16: torch.int16, torch.bfloat16: torch.int16}
 #: substrings of CUDA errors after which the context cannot be used again
 _STICKY = ("illegal memory access", "illegal address", "misaligned address",
            "illegal instruction", "unspecified launch failure", "device-side assert")
@@ -77,8 +75,7 @@ class _Guarded:
         self.data = self.raw[self.lead:self.lead + self.nbytes].view(dtype).view(shape)
 
     def poison(self) -> torch.Tensor:
-        bits = _BITS_DTYPE[self.data.dtype]
-        self.data.view(bits).fill_(POISON_BITS[self.data.dtype])
+        bits_view(self.data).fill_(POISON_BITS[self.data.dtype])
         return self.data
 
     def guard_damage(self) -> torch.Tensor:

@@ -24,7 +24,6 @@ import torch
 
 from harness import geometry
 from harness.backends.cuda import (
-    _BITS_DTYPE,
     CANARY_BYTE,
     REDZONE_BYTES,
     SCORING_CODES,
@@ -35,7 +34,7 @@ from harness.backends.cuda import (
 from harness.bugs import BugSet
 from harness.case import GRAPH_PADDINGS, Materialized, MoECase
 from harness.errors import ConfigError
-from harness.memory import POISON_BITS
+from harness.memory import POISON_BITS, bits_view
 
 #: stage order of the captured chain; "graph" = the arena's own slots
 STAGE_ORDER = ("gating", "sort_align", "experts", "finalize", "graph")
@@ -117,7 +116,7 @@ class Arena:
         for (key, slot), spec in zip(self.slots.items(), specs, strict=True):
             data = self.view(image, key)
             if spec[4] == "poison":
-                data.view(_BITS_DTYPE[slot.dtype]).fill_(POISON_BITS[slot.dtype])
+                bits_view(data).fill_(POISON_BITS[slot.dtype])
             else:
                 data.zero_()
         starts = [s.offset - REDZONE_BYTES for s in self.slots.values()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from harness.case import Fault, generator
+from harness.memory import bits_view
 
 
 def fault_rows(fault: Fault, num_rows: int) -> torch.Tensor:
@@ -31,7 +32,7 @@ def apply_fault(t: torch.Tensor, fault: Fault) -> torch.Tensor:
     if kind in ("nan", "inf"):
         view[rows] = float(kind)
     elif kind == "bitflip":
-        bits = view[rows].contiguous().view(torch.int32 if out.element_size() == 4 else torch.int16)
+        bits = bits_view(view[rows])
         view[rows] = (bits ^ (1 << (fault.bit % (8 * out.element_size())))).view(out.dtype)
     elif kind == "garbage":
         g = generator(fault.seed, "fault-garbage")

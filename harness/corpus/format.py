@@ -61,6 +61,7 @@ from harness.case import (
     PatchKind,
 )
 from harness.errors import CaseError, CorpusError
+from harness.memory import BITS_DTYPE, bits_view
 
 SCHEMA_VERSION = 1
 #: the key of `CaseMeta.extra` that lists the variants a finding was found with
@@ -72,9 +73,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-#: the integer type whose bits a dtype's bytes are read as (for byte order and bit equality)
-_BITS = {torch.int32: torch.int32, torch.float32: torch.int32, torch.float16: torch.int16,
-         torch.bfloat16: torch.int16}
 _QUIET_NAN = {torch.float32: 0x7FC00000, torch.float16: 0x7E00, torch.bfloat16: 0x7FC0}
 _MAX_ELEMENTS = 2**31
 _SIGNATURE = re.compile(r"^[A-Za-z0-9_.-]+:[A-Za-z0-9_.-]+$")
@@ -165,7 +163,7 @@ def _choice(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
-    bits = t.contiguous().view(_BITS[t.dtype]).view(torch.uint8)
+    bits = bits_view(t).view(torch.uint8)
     if sys.byteorder == "big":  # the format is little-endian everywhere
         bits = bits.view(-1, t.element_size()).flip(1).contiguous()
     # the bytes of a contiguous CPU tensor, without needing numpy
@@ -174,7 +172,7 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.contiguous().view(_BITS[a.dtype]), b.contiguous().view(_BITS[b.dtype]))
+        bits_view(a), bits_view(b))
 
 
 def tensor_to_json(t: torch.Tensor, where: str = "tensor") -> dict[str, Any]:
@@ -207,7 +205,7 @@ def _tensor_from_list(data: list, dtype: torch.dtype, shape: tuple[int, ...],
     values = torch.tensor(_list(data, f"{where}.data", _float), dtype=torch.float64)
     out = values.to(dtype)
     # "nan" is the positive quiet NaN; torch's conversions pick NaN bits by code path
-    out.view(_BITS[dtype])[values.isnan()] = _QUIET_NAN[dtype]
+    out.view(BITS_DTYPE[out.element_size()])[values.isnan()] = _QUIET_NAN[dtype]
     return out.reshape(shape)
 
 
@@ -243,7 +241,7 @@ def tensor_from_json(v: Any, where: str = "tensor") -> torch.Tensor:
     bits = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     if sys.byteorder == "big":
         bits = bits.view(-1, size).flip(1).contiguous().flatten()
-    return bits.view(_BITS[dtype]).view(dtype).reshape(shape).clone()
+    return bits.view(BITS_DTYPE[size]).view(dtype).reshape(shape).clone()
 
 
 # -- the case ----------------------------------------------------------------------------------

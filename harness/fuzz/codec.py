@@ -32,7 +32,6 @@ import dataclasses
 import math
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -44,7 +43,6 @@ from harness.case import (
     GRAPH_PADDINGS,
     MAX_EP,
     MAX_EXPERTS,
-    MAX_HIDDEN,
     MAX_LORAS,
     MAX_TOKENS,
     MAX_TOPK,
@@ -55,32 +53,17 @@ from harness.case import (
     MoECase,
     Overrides,
     Patch,
+    difference,
+    value_key,
 )
 from harness.errors import CodecError, HarnessError
 
+# the codec's domain (its limits and caps) lives with case resizing; importable from here too
+from harness.fuzz.resize import LARGE_LIMITS as LARGE_LIMITS
+from harness.fuzz.resize import LIMITS, CodecLimits, fit_flat, hidden_cap, token_cap
+
 FORMAT_VERSION = 1
 
-
-@dataclass(frozen=True)
-class CodecLimits:
-    """The codec's domain: what one decoded case may cost. The decoder clamps into it; the
-    encoder (strict) refuses cases outside it. Bytes decode to different cases under different
-    limits: a corpus of bytes goes with its limits."""
-
-    #: elements of one explicit tensor (logits, correction_bias, an override)
-    explicit_elements: int = 4096
-    #: T * E: the [T, E] logits every backend materialises
-    logits_elements: int = 2**19
-    #: ep * ep * max_tokens_per_rank * K: the receive buffers of dispatch
-    recv_elements: int = 2**19
-    #: H * H * max(T * K, E): the experts' multiply-adds and weights
-    expert_work: int = 2**24
-
-
-#: sized for the CPU model's fuzz loop: the largest decoded case runs in seconds, not minutes
-LIMITS = CodecLimits()
-#: for GPU backends: production token counts (vLLM PR 43599's 378k tokens at E=512, K=22)
-LARGE_LIMITS = CodecLimits(logits_elements=2**28, recv_elements=2**28, expert_work=2**31)
 
 #: vLLM's default CUDA-graph capture sizes up to 512: a batch is padded up to one of them
 CAPTURE_SIZES = (1, 2, 4, *range(8, 256, 8), *range(256, 513, 16))
@@ -128,18 +111,11 @@ def _clamp(v: int, lo: int, hi: int) -> int:
     return lo if v < lo else hi if v > hi else v
 
 
-def _key(v: object) -> tuple:
-    """Equality of table values: floats by their bits (-0.0 is not 0.0), every NaN one NaN."""
-    if isinstance(v, float):
-        return ("nan",) if math.isnan(v) else ("f", struct.pack("<d", v))
-    return (type(v).__name__, v)
-
-
 def _selectors(values: Sequence, stop: int, start: int = 0) -> dict[tuple, int]:
     """value key -> the first selector s in [start, stop) with values[(s - start) % len]."""
     out: dict[tuple, int] = {}
     for s in range(start, stop):
-        out.setdefault(_key(values[(s - start) % len(values)]), s)
+        out.setdefault(value_key(values[(s - start) % len(values)]), s)
     return out
 
 
@@ -172,7 +148,7 @@ def _tensor_value(s: int) -> float:
 
 _PATCH_VALUES: dict[tuple, int] = {}
 for _s in range(255):
-    _PATCH_VALUES.setdefault(_key(_patch_value(_s)), _s)
+    _PATCH_VALUES.setdefault(value_key(_patch_value(_s)), _s)
 #: float32 bits -> selector (NaN handled apart)
 _F32: dict[int, int] = {}
 for _s in range(0xFF):
@@ -304,20 +280,6 @@ def launch_thresholds(num_experts: int, topk: int, block_size: int,
     )
 
 
-def token_cap(num_experts: int, topk: int, ep_size: int, limits: CodecLimits = LIMITS) -> int:
-    """The largest T the codec holds for these sizes."""
-    ep = ep_size
-    return max(1, min(MAX_TOKENS, limits.logits_elements // num_experts,
-                      ep * (limits.recv_elements // (ep * ep * topk))))
-
-
-def hidden_cap(num_tokens: int, topk: int, num_experts: int,
-               limits: CodecLimits = LIMITS) -> int:
-    """The largest H the codec holds for these sizes."""
-    work = max(num_tokens * topk, num_experts)
-    return _clamp(math.isqrt(limits.expert_work // work), 1, MAX_HIDDEN)
-
-
 def _read_experts(r: _Reader) -> int:
     s = r.u8()
     return EXPERTS[s % len(EXPERTS)] if s < 224 else 1 + r.uint(2) % MAX_EXPERTS
@@ -325,7 +287,7 @@ def _read_experts(r: _Reader) -> int:
 
 def _write_experts(w: _Writer, E: int) -> None:
     E = _clamp(E, 1, MAX_EXPERTS)
-    s = _EXPERTS.get(_key(E))
+    s = _EXPERTS.get(value_key(E))
     if s is None:
         w.u8(224)
         w.uint(E - 1, 2)
@@ -341,7 +303,7 @@ def _read_topk(r: _Reader, E: int) -> int:
 
 def _write_topk(w: _Writer, K: int, E: int) -> None:
     K = _clamp(K, 1, min(E, MAX_TOPK))
-    s = _TOPK.get(_key(K))
+    s = _TOPK.get(value_key(K))
     if s is None:
         w.u8(224)
         w.u8(K - 1)
@@ -366,7 +328,7 @@ def _read_ep(r: _Reader, E: int) -> int:
 
 def _write_ep(w: _Writer, ep: int, E: int) -> None:
     ep = _clamp(ep, 1, min(E, MAX_EP))
-    s = _EP.get(_key(ep))
+    s = _EP.get(value_key(ep))
     if s is None:
         w.u8(240)
         w.u8(ep - 1)
@@ -392,7 +354,7 @@ def _read_tokens(r: _Reader, E: int, K: int, bs: int, ep: int, limits: CodecLimi
 def _write_tokens(w: _Writer, T: int, E: int, K: int, bs: int, ep: int,
                   limits: CodecLimits) -> None:
     T = _clamp(T, 1, token_cap(E, K, ep, limits))
-    s = _SMALL_T.get(_key(T), _MID_T.get(_key(T)))
+    s = _SMALL_T.get(value_key(T), _MID_T.get(value_key(T)))
     if s is not None:
         w.u8(s)
         return
@@ -417,7 +379,7 @@ def _read_hidden(r: _Reader, T: int, K: int, E: int, limits: CodecLimits) -> int
 
 def _write_hidden(w: _Writer, H: int, T: int, K: int, E: int, limits: CodecLimits) -> None:
     H = _clamp(H, 1, hidden_cap(T, K, E, limits))
-    s = _HIDDEN.get(_key(H))
+    s = _HIDDEN.get(value_key(H))
     if s is None:
         w.u8(224)
         w.u8(H - 1)
@@ -454,7 +416,7 @@ def _read_loras(r: _Reader) -> int:
 
 def _write_loras(w: _Writer, L: int) -> None:
     L = _clamp(L, 0, MAX_LORAS)
-    s = _LORAS.get(_key(L))
+    s = _LORAS.get(value_key(L))
     if s is None:
         w.u8(240)
         w.u8(L)
@@ -530,21 +492,12 @@ def _read_floats(r: _Reader, shape: tuple[int, ...]) -> torch.Tensor:
     return bits.view(torch.float32).to(dtype).reshape(shape)
 
 
-def _fit(t: torch.Tensor, shape: tuple[int, ...], fill: float | int = 0) -> torch.Tensor:
-    """`t` flattened, truncated or padded with `fill` to `shape`."""
-    flat = t.reshape(-1)
-    n = math.prod(shape)
-    if flat.numel() < n:
-        flat = torch.cat([flat, torch.full((n - flat.numel(),), fill, dtype=flat.dtype)])
-    return flat[:n].reshape(shape)
-
-
 def _write_floats(w: _Writer, t: torch.Tensor, shape: tuple[int, ...]) -> None:
     t = t.detach().cpu()
     if t.dtype not in FLOAT_DTYPES:
         t = t.to(torch.float32)
     w.u8(FLOAT_DTYPES.index(t.dtype))
-    f = _fit(t, shape).to(torch.float32).reshape(-1).contiguous()
+    f = fit_flat(t, shape).to(torch.float32).reshape(-1).contiguous()
     bits = f.view(torch.int32)
     k = f * 8  # exact: a power-of-two scale
     ki = k.clamp(-120, 119).nan_to_num(0.0).to(torch.int64)
@@ -564,7 +517,7 @@ def _write_ints(w: _Writer, t: torch.Tensor, shape: tuple[int, ...]) -> None:
     t = t.detach().cpu()
     if t.is_floating_point():
         t = torch.nan_to_num(t)
-    v = _fit(t.to(torch.int64), shape).clamp(-2**31, INT32_MAX).reshape(-1)
+    v = fit_flat(t.to(torch.int64), shape).clamp(-2**31, INT32_MAX).reshape(-1)
     small = (v >= -127) & (v <= 126)
     sel = torch.where(small, torch.where(v >= 0, 2 * v, -2 * v - 1),
                       torch.where(v == INT32_MAX, 0xFE, 0xFF))
@@ -586,7 +539,7 @@ def _write_generated(w: _Writer, g: Generated) -> None:
     w.varint(g.seed)
     w.u8(DISTRIBUTIONS.index(g.distribution) if g.distribution in DISTRIBUTIONS else 0)
     scale = float(g.scale) if math.isfinite(g.scale) else 1.0
-    s = _SCALES.get(_key(scale))
+    s = _SCALES.get(value_key(scale))
     if s is None:
         w.u8(255)
         w.f64(scale)
@@ -641,7 +594,7 @@ def _write_patch(w: _Writer, p: Patch) -> None:
     w.u8(PATCH_TARGETS.index(p.target) if p.target in PATCH_TARGETS else 0)
     w.u8(PATCH_KINDS.index(p.kind) if p.kind in PATCH_KINDS else 0)
     value = p.value if isinstance(p.value, str) else float(p.value)
-    s = _PATCH_VALUES.get(_key(value))
+    s = _PATCH_VALUES.get(value_key(value))
     if s is not None:
         w.u8(s)
     elif isinstance(value, float):
@@ -721,7 +674,7 @@ def _write_fault(w: _Writer, f: Fault) -> None:
     for row in rows:
         w.varint(_zigzag(_clamp(row, -2**62, 2**62 - 1)))
     fraction = float(f.fraction) if 0.0 <= f.fraction <= 1.0 else 0.0
-    s = _FRACTIONS.get(_key(fraction))
+    s = _FRACTIONS.get(value_key(fraction))
     if s is None:
         w.u8(255)
         w.f64(fraction)
@@ -855,51 +808,3 @@ def fits(case: MoECase, limits: CodecLimits = LIMITS) -> bool:
     except HarnessError:
         return False
     return True
-
-
-# -- equality ----------------------------------------------------------------------------------
-
-
-def _same(x: object, y: object) -> bool:
-    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
-            return False
-        if x.dtype != y.dtype or x.shape != y.shape:
-            return False
-        if not x.is_floating_point():
-            return bool(torch.equal(x, y))
-        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
-        same = x.contiguous().view(bits) == y.contiguous().view(bits)
-        return bool((same | (x.isnan() & y.isnan())).all())
-    if isinstance(x, tuple) and isinstance(y, tuple):
-        return len(x) == len(y) and all(_same(a, b) for a, b in zip(x, y, strict=True))
-    if dataclasses.is_dataclass(x) and type(x) is type(y):
-        return all(_same(getattr(x, f.name), getattr(y, f.name)) for f in dataclasses.fields(x))
-    numbers = (int, float)
-    if (isinstance(x, numbers) and isinstance(y, numbers) and not isinstance(x, bool)
-            and not isinstance(y, bool) and (isinstance(x, float) or isinstance(y, float))):
-        return _key(float(x)) == _key(float(y))
-    return type(x) is type(y) and x == y
-
-
-def difference(a: MoECase, b: MoECase) -> str | None:
-    """The first field in which two cases differ ("patches[2].value"), None if they are equal
-    (tensors bit for bit, every NaN equal to every NaN, -0.0 unequal to 0.0)."""
-    def walk(x: object, y: object, where: str) -> str | None:
-        if _same(x, y):
-            return None
-        if isinstance(x, tuple) and isinstance(y, tuple) and len(x) == len(y):
-            for i, (u, v) in enumerate(zip(x, y, strict=True)):
-                if (found := walk(u, v, f"{where}[{i}]")) is not None:
-                    return found
-        elif dataclasses.is_dataclass(x) and type(x) is type(y):
-            for f in dataclasses.fields(x):
-                found = walk(getattr(x, f.name), getattr(y, f.name), f"{where}.{f.name}")
-                if found is not None:
-                    return found
-        return where
-
-    for f in dataclasses.fields(MoECase):
-        if (found := walk(getattr(a, f.name), getattr(b, f.name), f.name)) is not None:
-            return found
-    return None

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.case import Generated, MoECase, Overrides
+from harness.case import Generated, MoECase
 from harness.errors import CaseError, ConfigError, HarnessError
+from harness.fuzz.resize import shrink
 
 Predicate = Callable[[MoECase], bool]
 
@@ -82,57 +83,6 @@ def cost(case: MoECase) -> tuple[int, int]:
     return structure, simple
 
 
-# -- reshaping explicit tensors ----------------------------------------------------------------
-
-
-def _cut(t: torch.Tensor | None, rows: int | None = None,
-         cols: int | None = None) -> torch.Tensor | None:
-    if t is None:
-        return None
-    if rows is not None:
-        t = t[:rows]
-    if cols is not None and t.dim() == 2:
-        t = t[:, :cols]
-    return t.clone()
-
-
-def _resize(case: MoECase, T: int | None = None, E: int | None = None, K: int | None = None,
-            ep: int | None = None, L: int | None = None) -> MoECase:
-    """`case` with new sizes, its explicit tensors cut to match (validity is checked later)."""
-    T = case.num_tokens if T is None else T
-    E = case.num_experts if E is None else E
-    K = case.topk if K is None else K
-    ep = case.ep_size if ep is None else ep
-    L = case.max_loras if L is None else L
-    o = case.overrides
-    lora = L > 0
-    overrides = Overrides(
-        gating_logits=_cut(o.gating_logits, T, E), topk_ids=_cut(o.topk_ids, T, K),
-        topk_weights=_cut(o.topk_weights, T, K),
-        recv_counters=None if o.recv_counters is None or ep != case.ep_size
-        else o.recv_counters.clone(),
-        token_lora_mapping=_cut(o.token_lora_mapping, T) if lora else None,
-        lora_ids=_cut(o.lora_ids, L + 1) if lora and o.lora_ids is not None
-        and o.lora_ids.numel() >= L + 1 else None)
-    logits = _cut(case.logits, T, E) if isinstance(case.logits, torch.Tensor) else case.logits
-    bias = case.correction_bias
-    if isinstance(bias, torch.Tensor):
-        bias = bias[:E].clone()
-    e2r = case.expert_to_rank
-    if e2r is not None:
-        e2r = tuple(r % ep for r in e2r[:E]) if len(e2r) >= E else None
-    enabled = case.adapter_enabled
-    if enabled is not None:
-        enabled = tuple(enabled[:L]) if len(enabled) >= L else None
-    mtpr = case.max_tokens_per_rank
-    if mtpr is not None and mtpr < -(-T // ep):
-        mtpr = None
-    return dataclasses.replace(case, num_tokens=T, num_experts=E, topk=K, ep_size=ep,
-                               max_loras=L, overrides=overrides, logits=logits,
-                               correction_bias=bias, expert_to_rank=e2r,
-                               adapter_enabled=enabled, max_tokens_per_rank=mtpr)
-
-
 def _smaller(n: int, low: int) -> list[int]:
     """Candidate values below `n` (>= `low`), smallest first: low, n/8, n/4, n/2, 3n/4, n-1."""
     out = {low, n // 8, n // 4, n // 2, n - n // 4, n - 1}
@@ -167,16 +117,16 @@ def proposals(case: MoECase) -> Iterator[tuple[str, MoECase]]:
             c, overrides=dataclasses.replace(c.overrides, **{name: None}))
     if c.max_loras:
         for L in _smaller(c.max_loras, 0):
-            yield f"max_loras {c.max_loras} -> {L}", _resize(c, L=L)
+            yield f"max_loras {c.max_loras} -> {L}", shrink(c, L=L)
     if c.ep_size > 1:
         for ep in _smaller(c.ep_size, 1):
-            yield f"ep_size {c.ep_size} -> {ep}", _resize(c, ep=ep)
+            yield f"ep_size {c.ep_size} -> {ep}", shrink(c, ep=ep)
     for T in _smaller(c.num_tokens, 1):
-        yield f"T {c.num_tokens} -> {T}", _resize(c, T=T)
+        yield f"T {c.num_tokens} -> {T}", shrink(c, T=T)
     for E in _smaller(c.num_experts, max(c.topk, c.ep_size)):
-        yield f"E {c.num_experts} -> {E}", _resize(c, E=E)
+        yield f"E {c.num_experts} -> {E}", shrink(c, E=E)
     for K in _smaller(c.topk, 1):
-        yield f"K {c.topk} -> {K}", _resize(c, K=K)
+        yield f"K {c.topk} -> {K}", shrink(c, K=K)
     for H in _smaller(c.hidden_size, 1):
         yield f"H {c.hidden_size} -> {H}", dataclasses.replace(c, hidden_size=H)
     bs = c.block_size

@@ -31,10 +31,7 @@ from harness.case import (
     FAULT_KINDS,
     FAULT_TENSORS,
     GRAPH_PADDINGS,
-    MAX_EP,
     MAX_EXPERTS,
-    MAX_HIDDEN,
-    MAX_LORAS,
     MAX_TOPK,
     SPECIAL_VALUES,
     Fault,
@@ -44,15 +41,8 @@ from harness.case import (
     Patch,
 )
 from harness.errors import ConfigError
-from harness.fuzz.codec import (
-    CAPTURE_SIZES,
-    LIMITS,
-    CodecLimits,
-    decode,
-    encode,
-    launch_thresholds,
-    token_cap,
-)
+from harness.fuzz.codec import CAPTURE_SIZES, decode, encode, launch_thresholds
+from harness.fuzz.resize import LIMITS, CodecLimits, reshape, token_cap
 from harness.geometry import WARP_EXPERTS
 
 #: appended patches and faults beyond these replace a random one instead
@@ -65,78 +55,6 @@ Operator = Callable[[MoECase, random.Random, CodecLimits], MoECase]
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def _fit_rows(t: torch.Tensor, rows: int, fill: torch.Tensor | float | int) -> torch.Tensor:
-    """`t` cut or padded (with rows of `fill`) to `rows` rows along dimension 0."""
-    if t.shape[0] >= rows:
-        return t[:rows].clone()
-    pad = torch.empty((rows - t.shape[0], *t.shape[1:]), dtype=t.dtype)
-    pad[:] = fill
-    return torch.cat([t, pad])
-
-
-def reshape(case: MoECase, limits: CodecLimits = LIMITS, *, T: int | None = None,
-            E: int | None = None, K: int | None = None, ep: int | None = None,
-            L: int | None = None, H: int | None = None, bs: int | None = None) -> MoECase:
-    """`case` with new sizes and every field that depends on them kept consistent: explicit
-    tensors cut or padded (ids rows padded with valid routes, LoRA mappings with the base
-    model), or dropped where the shape changed meaning."""
-    T0, E0, K0, ep0, L0 = (case.num_tokens, case.num_experts, case.topk, case.ep_size,
-                           case.max_loras)
-    E = min(max(E or E0, 1), MAX_EXPERTS)
-    K = min(max(K or K0, 1), E, MAX_TOPK)
-    ep = min(max(ep or ep0, 1), E, MAX_EP)
-    T = min(max(T or T0, 1), token_cap(E, K, ep, limits))
-    L = min(max(L0 if L is None else L, 0), MAX_LORAS)
-    cap = limits.explicit_elements
-    logits = case.logits
-    if isinstance(logits, torch.Tensor):
-        logits = (_fit_rows(logits, T, 0.0) if E == E0 and T * E <= cap
-                  else Generated(case.seed))
-    bias = case.correction_bias
-    if isinstance(bias, torch.Tensor) and E != E0:
-        bias = Generated(case.seed)
-    o = case.overrides.fields()
-    if "gating_logits" in o:
-        if E != E0 or T * E > cap:
-            del o["gating_logits"]
-        else:
-            o["gating_logits"] = _fit_rows(o["gating_logits"], T, 0.0)
-    if "topk_ids" in o:
-        if K != K0 or T * K > cap:
-            o.pop("topk_ids")
-            o.pop("topk_weights", None)
-        else:
-            o["topk_ids"] = _fit_rows(o["topk_ids"], T, torch.arange(K, dtype=torch.int32) % E)
-            if "topk_weights" in o:
-                o["topk_weights"] = _fit_rows(o["topk_weights"], T, 1.0 / K)
-    if "recv_counters" in o and ep != ep0:
-        del o["recv_counters"]
-    if L == 0 or T > cap:
-        o.pop("token_lora_mapping", None)
-    elif "token_lora_mapping" in o:
-        o["token_lora_mapping"] = _fit_rows(o["token_lora_mapping"], T, -1)
-    if L == 0:
-        o.pop("lora_ids", None)
-    elif "lora_ids" in o:
-        o["lora_ids"] = _fit_rows(o["lora_ids"], L + 1, -1)
-    enabled = case.adapter_enabled
-    if enabled is not None and L != L0:
-        enabled = (tuple(enabled[:L]) + (True,) * max(0, L - len(enabled))) if L else None
-    e2r = case.expert_to_rank
-    if e2r is not None and (E != E0 or ep != ep0):
-        e2r = tuple(r % ep for r in e2r[:E]) + (0,) * max(0, E - len(e2r))
-    M = case.max_tokens_per_rank
-    if M is not None and M < math.ceil(T / ep):
-        M = None
-    patches = case.patches if bias is not None else tuple(
-        p for p in case.patches if p.target != "correction_bias")
-    return replace(case, num_tokens=T, num_experts=E, topk=K, ep_size=ep, max_loras=L,
-                   hidden_size=min(max(H or case.hidden_size, 1), MAX_HIDDEN),
-                   block_size=bs or case.block_size, logits=logits, correction_bias=bias,
-                   overrides=Overrides(**o), adapter_enabled=enabled, expert_to_rank=e2r,
-                   max_tokens_per_rank=M, patches=patches)
 
 
 def _with_overrides(case: MoECase, **changes: torch.Tensor | None) -> MoECase:

@@ -75,10 +75,3 @@ def finite(x: torch.Tensor) -> torch.Tensor:
     """torch.isfinite for float tensors: |x| < inf is False exactly for NaN and +-Inf (one
     op cheaper than isfinite's composite on the small tensors checked per run)."""
     return x.abs() < math.inf
-
-
-def bits(x: torch.Tensor) -> torch.Tensor:
-    """Exact comparison of copied values (NaN payloads and -0.0 included)."""
-    size = x.element_size()
-    return x.contiguous().view({1: torch.int8, 2: torch.int16, 4: torch.int32,
-                                8: torch.int64}[size])

@@ -13,12 +13,11 @@ from harness.invariants.common import (
     MAX_ENTRIES,
     TINY,
     Report,
-    bits,
     finite,
     first,
     shape_of,
 )
-from harness.memory import framed
+from harness.memory import bits_view, framed
 
 # -- gating ------------------------------------------------------------------------------------
 
@@ -219,11 +218,11 @@ def dispatch(res: RunResult, rep: Report) -> None:
              (recv_h.reshape(-1, H).index_select(0, where),
               inp.hidden_states.to(recv_h.dtype).index_select(0, token))]
     if (torch.equal(got_tok, token.to(got_tok.dtype)) and torch.equal(got_ids, want_ids)
-            and all(torch.equal(bits(a), bits(b)) for a, b in pairs)):
+            and all(torch.equal(bits_view(a), bits_view(b)) for a, b in pairs)):
         return
     bad = (got_tok != token) | (got_ids != want_ids).any(1)
     for got, want in pairs:
-        bad |= (bits(got) != bits(want)).any(1)
+        bad |= (bits_view(got) != bits_view(want)).any(1)
     if bool(bad.any()):
         i = torch.nonzero(bad)[:MAX_ENTRIES].squeeze(1)
         rep.add("slots-match", "a received slot does not hold its routed token",
