@@ -31,5 +31,10 @@ class Finding:
         return {"signature": self.signature, "stage": self.stage, "check": self.check,
                 "message": self.message, "severity": self.severity, "details": self.details}
 
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Finding:
+        """The finding `to_json` wrote (its derived "signature" is recomputed, not read)."""
+        return cls(obj["stage"], obj["check"], obj["message"], obj["severity"], obj["details"])
+
     def __str__(self) -> str:
         return f"[{self.severity}] {self.signature}: {self.message}"

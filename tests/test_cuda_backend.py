@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -610,3 +611,52 @@ def test_second_process_reuses_the_build(cuda_target):
                           text=True, timeout=120)
     found, seconds = proc.stdout.split()
     assert found == "True" and float(seconds) < 10.0, proc.stderr[-2000:]
+
+
+# -- concurrent loads: one build under the cache directory's lock --------------------------------
+
+_LOADER = textwrap.dedent("""
+    import os, sys, time, types
+    from pathlib import Path
+    from harness.backends.cuda_build import BuildSpec, load_or_build
+
+    out = Path(sys.argv[1])
+
+    def fake_import(name, directory):
+        return types.ModuleType(name) if (directory / "built").exists() else None
+
+    def fake_build(spec):
+        d = spec.directory()
+        d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(d / "building", os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # nobody else now
+        time.sleep(0.5)
+        (d / "built").write_text("ok")
+        os.close(fd)
+        os.unlink(d / "building")
+        with open(out / "builds", "a") as f:
+            f.write(f"{os.getpid()}\\n")
+        return types.ModuleType(spec.name)
+
+    (out / f"ready-{os.getpid()}").write_text("")
+    while not (out / "go").exists():  # every process imported torch: start together
+        time.sleep(0.01)
+    module = load_or_build(BuildSpec.default(), fake_build, fake_import)
+    (out / f"loaded-{os.getpid()}").write_text(module.__name__)
+""")
+
+
+def test_processes_loading_at_once_build_once(tmp_path):
+    """Four processes start together on an empty cache: one builds, three wait for its lock
+    and import what it built (without the lock, each would find nothing and build)."""
+    env = {**os.environ, "MOE_HARNESS_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, "-c", _LOADER, str(tmp_path)], env=env,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (tmp_path / "go").write_text("")
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    assert len((tmp_path / "builds").read_text().split()) == 1
+    assert len(list(tmp_path.glob("loaded-*"))) == 4

@@ -4,7 +4,10 @@ The build is described by a `BuildSpec` (the sources of `kernels/`, the compiler
 toolchain: torch and CUDA versions, the visible GPUs' architectures); its hash names the
 extension and its directory in the cache (`~/.cache/moe-harness/<hash>`, or `$MOE_HARNESS_CACHE`).
 `load_kernels()` builds it with `torch.utils.cpp_extension.load` on first use; a second process
-finds the built library and imports it directly, without a compiler. Anything that stops the
+finds the built library and imports it directly, without a compiler. Import-or-build runs under
+a file lock beside the build directory (as FlashInfer's JIT does): xdist workers, the fuzz
+worker and the sanitizer's child start at once, and only the first builds while the others
+wait for it and import what it built. Anything that stops the
 kernels from running here (no GPU, no CUDA toolkit, no ninja, a failed build) is a
 `BackendUnavailable` with one line that says which.
 """
@@ -18,11 +21,13 @@ import importlib.util
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
 import torch
+from filelock import FileLock
 
 from harness.errors import BackendUnavailable
 
@@ -165,9 +170,21 @@ def load_kernels(verbose: bool = False, coverage: bool = True) -> ModuleType:
         raise BackendUnavailable(
             "the cuda backend needs a CUDA GPU: torch.cuda.is_available() is False "
             f"(torch {torch.__version__}, CUDA {torch.version.cuda or 'not compiled in'})")
-    spec = BuildSpec.default(coverage=coverage)
-    try:
-        module = _import_built(spec.name, spec.directory())
-    except ImportError:
-        module = None  # a stale or partial library: rebuild over it
-    return module if module is not None else build(spec, verbose=verbose)
+    return load_or_build(BuildSpec.default(coverage=coverage),
+                         lambda spec: build(spec, verbose=verbose))
+
+
+def load_or_build(spec: BuildSpec, build_fn: Callable[[BuildSpec], ModuleType] = build,
+                  import_fn: Callable[[str, Path], ModuleType | None] = _import_built
+                  ) -> ModuleType:
+    """`spec`'s extension imported from its directory, or built there first, under the
+    directory's file lock: concurrent processes never build (or import half a build) at once.
+    `build_fn` and `import_fn` are the build and the import (replaced in tests)."""
+    directory = spec.directory()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(directory) + ".lock"):
+        try:
+            module = import_fn(spec.name, directory)
+        except ImportError:
+            module = None  # a stale or partial library: rebuild over it
+        return module if module is not None else build_fn(spec)

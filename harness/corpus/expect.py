@@ -109,8 +109,7 @@ class CheckResult:
     def from_json(cls, obj: dict[str, Any]) -> CheckResult:
         from harness.findings import Finding
 
-        findings = [Finding(f["stage"], f["check"], f["message"], f["severity"], f["details"])
-                    for f in obj["findings"]]
+        findings = [Finding.from_json(f) for f in obj["findings"]]
         return cls(Check.from_json(obj["check"]), findings, obj["rejected"], obj["error"],
                    obj["output"], obj["seconds"])
 

@@ -56,8 +56,7 @@ class Outcome:
 
     @classmethod
     def from_json(cls, obj: dict) -> Outcome:
-        findings = [Finding(f["stage"], f["check"], f["message"], f["severity"], f["details"])
-                    for f in obj["findings"]]
+        findings = [Finding.from_json(f) for f in obj["findings"]]
         return cls(findings, list(obj["features"]), bool(obj["rejected"]),
                    bool(obj["invalid"]))
 
