@@ -100,8 +100,8 @@ def main() -> int:
         if m["ev"] == "stage" and f"{m['i']}:{m['stage']}" in at:
             kernel = os.environ.get(f"FAKE_KERNEL_{m['stage'].upper()}") or KERNELS[m["stage"]]
             frames = [(m["stage"], "/repo/harness/backends/cuda.py", 372),
-                      (f"moe_harness_case_{m['i']}", "/repo/harness/sanitizer_replay.py", 150),
-                      ("replay", "/repo/harness/sanitizer_replay.py", 180)]
+                      (f"moe_harness_case_{m['i']}", "/repo/harness/sanitizer/child.py", 150),
+                      ("replay", "/repo/harness/sanitizer/child.py", 180)]
             text, xml = record(kernel, 0x7F0000001000 + 0x10000 * len(records),
                                frames if os.environ.get("FAKE_PY_FRAMES") else [])
             for t in text:

@@ -231,13 +231,13 @@ def test_poison_checks_are_set_aside_without_poison(checks, tmp_path, monkeypatc
     with poison off: lora_align:disabled-untouched fires on the untouched row, which holds
     fresh memory, not poison. The replay sets it aside; the parent reads a clean case that
     carries it. With poison on the case is clean and nothing is set aside."""
-    from harness.sanitizer import child as sanitizer_replay
+    from harness.sanitizer import child
     from harness.sanitizer.run import CaseResult, SanitizerRun, _interpret, _line_event, _ProcessLog
 
     path = corpus.save(MoECase(16, 8, 2, seed=9, max_loras=3,
                                adapter_enabled=(True, False, True)), tmp_path)
-    monkeypatch.setattr(sanitizer_replay, "resolve_target", _unpoisoned_cpu_target)
-    assert sanitizer_replay.replay({"backend": "cuda", "bugs": [], "checks": checks,
+    monkeypatch.setattr(child, "resolve_target", _unpoisoned_cpu_target)
+    assert child.replay({"backend": "cuda", "bugs": [], "checks": checks,
                                     "cases": [{"index": 0, "path": str(path)}]}) == 0
     log = _ProcessLog(returncode=0)
     for line in capsys.readouterr().out.splitlines():
@@ -247,7 +247,7 @@ def test_poison_checks_are_set_aside_without_poison(checks, tmp_path, monkeypatc
     assert cases[0].status == "clean" and cases[0].findings == []
     assert [f["signature"] for f in cases[0].set_aside] == (
         [] if checks else ["lora_align:disabled-untouched"])
-    assert {f["check"] for f in cases[0].set_aside} <= sanitizer_replay.POISON_CHECKS
+    assert {f["check"] for f in cases[0].set_aside} <= child.POISON_CHECKS
 
 
 def test_poison_checks_are_invariant_names():

@@ -132,7 +132,7 @@ def test_case_frame_in_the_host_stack_names_the_case():
     """The replay runs case i in a Python frame named moe_harness_case_<i>; a record whose
     backtrace has it is placed there whatever the markers say."""
     data = (FIX / "disabled_memcheck.xml").read_text()
-    frame = (f"<frame><func>{CASE_FRAME_PREFIX}5</func><path>/x/harness/sanitizer_replay.py"
+    frame = (f"<frame><func>{CASE_FRAME_PREFIX}5</func><path>/x/harness/sanitizer/child.py"
              "</path><line>9</line></frame>")
     data = data.replace("</hostStack>", frame + "</hostStack>", 1)
     first = parse_xml(data, "memcheck").reports[0]

@@ -9,7 +9,8 @@ rejection is clean); a signature means that signature is among the findings.
 
 The pytest plugin and `moe-harness corpus` are thin over this module. A check can run in this
 process (`run_checks`) or in an isolated child (`run_check_isolated`, the function
-`harness.isolation` calls), where a crash or a hang fails that check only.
+`harness.isolation` calls), where a crash or a hang fails that check only; a failure is
+explained by `harness.corpus.explain`. Targets come from `harness.backends.resolve_target`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""The replay process `harness.sanitizer` runs (under compute-sanitizer, or bare): many cases,
-one process, launch markers on stdout.
+"""The replay process `harness.sanitizer.run` starts (under compute-sanitizer, or bare): many
+cases, one process, launch markers on stdout.
 
 `python -m harness.sanitizer.child MANIFEST.json`, where the manifest (written by
-`harness.sanitizer`) names the cases (index, path, optionally the case's own bug variants),
+`harness.sanitizer.run`) names the cases (index, path, optionally the case's own bug variants),
 the backend, the bug variants and whether the cuda backend's redzones and poison are on.
 Before each case and around each stage the process prints one marker line,
 `@@moe-harness {json}`, flushed, so the parent can tell which case and stage were running when

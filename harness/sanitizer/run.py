@@ -8,7 +8,7 @@ torch) that prints a marker before each case and around each stage; compute-sani
 records land between those markers on the same terminal (a pty, so neither side buffers), and
 its XML records (`--xml --save FILE`) are matched to them in order: each report gets the case
 and stage that were running. Our kernels are also named in a kernel -> stage table
-(`sanitizer_report.kernel_stages`), which wins for the stage. Crash isolation: a case that
+(`report.kernel_stages`), which wins for the stage. Crash isolation: a case that
 crashes the process, hangs past `case_timeout_s` or loses the CUDA context (memcheck's default
 on an illegal access) ends that process; the rest of the cases run in a new one.
 
@@ -154,7 +154,7 @@ def build_command(config: SanitizerConfig | None, manifest: Path,
 class CaseResult:
     """One replayed case. `status`: clean | findings | rejected (a contract error) | error
     (could not be loaded or run) | timeout | crashed | not-run. `set_aside`: findings of the
-    checks that need poison, on a replay without it (`sanitizer_replay.POISON_CHECKS`): kept
+    checks that need poison, on a replay without it (`child.POISON_CHECKS`): kept
     for the reader, not counted. `bugs`: the variants it ran with."""
 
     index: int

@@ -4,7 +4,7 @@ to the finding's metadata, and group the findings by root cause.
 A finding file is a corpus case whose metadata names the variant set it was found with (an
 expectation whose outcome is its signature, as `harness.fuzz.store` writes it; or
 `extra["bugs"]`). Findings are replayed per variant set, one sanitizer process per set and tool
-(`harness.sanitizer`), with the cuda backend's redzones and poison off so the sanitizer sees
+(`harness.sanitizer.run`), with the cuda backend's redzones and poison off so the sanitizer sees
 every out-of-bounds access. The reports go into `meta.extra["sanitizer"][tool]`, rewritten
 atomically through `harness.corpus`. The root-cause signature of a finding is the set of
 distinct `tool:kind:kernel@stage` its error reports have (API errors that only follow a device
