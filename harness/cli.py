@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from harness.errors import HarnessError
+from harness.output import PLAIN_PROGRESS_S, Printer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fuzzing and fault injection for MoE routing pipelines.")
-out = Console(highlight=False)
+#: tables on a terminal, plain tab-separated lines in a log, JSON with --json
+out = Printer()
 
 def clean_errors(fn: Callable) -> Callable:
     """Turn a `HarnessError` raised by a command into one line on stderr and exit 2."""
@@ -36,6 +36,8 @@ def clean_errors(fn: Callable) -> Callable:
 
 
 BackendOpt = Annotated[str, typer.Option("--backend", help="cpu | cuda")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document on stdout "
+                                       "instead of tables and lines")]
 BugOpt = Annotated[list[str] | None, typer.Option("--bug", help="switch a bug variant on "
                                                   "(repeatable; `moe-harness bugs` lists them)")]
 
@@ -47,7 +49,7 @@ def run(case_file: Annotated[Path, typer.Argument(metavar="CASE.json")],
         graph: Annotated[bool, typer.Option(
             "--graph", help="replay the chain as a CUDA graph per capture size (1, 2, 4, ... "
                             "512; cuda backend), padding rows as the case's graph_padding")
-        ] = False) -> None:
+        ] = False, as_json: JsonOpt = False) -> None:
     """Run one corpus case: a per-stage summary and the findings."""
     from harness import corpus
     from harness.api import execute, stage_summary
@@ -56,21 +58,32 @@ def run(case_file: Annotated[Path, typer.Argument(metavar="CASE.json")],
     case, _meta = corpus.load(case_file)
     target = resolve_target(backend, graph=graph)
     result = execute(case, target, bug or [])
-    table = Table(title=f"{case_file} on {result.target} ({result.bugs})")
-    for col in ("stage", "result", "ms"):
-        table.add_column(col)
-    for stage, what, seconds in stage_summary(result):
-        table.add_row(stage, what, f"{seconds * 1e3:.2f}")
-    out.print(table)
+    stages = stage_summary(result)
+    graph_line = None
     if graph:
         size = getattr(result, "capture_size", 0)
-        out.print(f"graph replay: {case.num_tokens} rows padded to capture size {size} "
-                  f"({result.padding} padding), {result.seconds.get('graph', 0) * 1e3:.2f} ms"
-                  if size else f"ran eagerly: {target.last_eager_reason}")
+        graph_line = (f"graph replay: {case.num_tokens} rows padded to capture size {size} "
+                      f"({result.padding} padding), "
+                      f"{result.seconds.get('graph', 0) * 1e3:.2f} ms"
+                      if size else f"ran eagerly: {target.last_eager_reason}")
+    if as_json:
+        out.json({"case": str(case_file), "target": str(result.target),
+                  "bugs": sorted(result.bugs.names), "severity": case.severity,
+                  "stages": [{"stage": st, "result": what, "ms": round(sec * 1e3, 3)}
+                             for st, what, sec in stages],
+                  "graph": graph_line,
+                  "rejected": None if result.rejected is None else str(result.rejected),
+                  "findings": [f.to_json() for f in result.findings]})
+        raise typer.Exit(1 if result.findings else 0)
+    out.table(f"{case_file} on {result.target} ({result.bugs})", ("stage", "result", "ms"),
+              [(st, what, f"{sec * 1e3:.2f}") for st, what, sec in stages])
+    if graph_line:
+        out.text(graph_line)
     if result.rejected is not None:
-        out.print(f"rejected (contract): {result.rejected}")
+        out.text(f"rejected (contract): {result.rejected}")
     for f in result.findings:
-        out.print(f"[red]finding[/red] {f}")
+        out.print("[red]finding[/red] ", end="")
+        out.text(str(f))
     if not result.findings:
         out.print("[green]clean[/green]")
     raise typer.Exit(1 if result.findings else 0)
@@ -78,16 +91,17 @@ def run(case_file: Annotated[Path, typer.Argument(metavar="CASE.json")],
 
 @app.command()
 @clean_errors
-def bugs() -> None:
+def bugs(as_json: JsonOpt = False) -> None:
     """List the bug variants with their origin and stage."""
     from harness.bugs import VARIANTS
 
-    table = Table(title="bug variants (fixed behaviour is the default; --bug NAME)")
-    for col in ("name", "stage", "origin", "what it breaks"):
-        table.add_column(col, overflow="fold")
-    for v in VARIANTS.values():
-        table.add_row(v.name, v.stage, v.origin, v.description)
-    out.print(table)
+    if as_json:
+        out.json([{"name": v.name, "stage": v.stage, "origin": v.origin,
+                   "description": v.description} for v in VARIANTS.values()])
+        return
+    out.table("bug variants (fixed behaviour is the default; --bug NAME)",
+              ("name", "stage", "origin", "what it breaks"),
+              [(v.name, v.stage, v.origin, v.description) for v in VARIANTS.values()])
 
 
 @app.command()
@@ -180,7 +194,7 @@ def triage(findings_dir: Annotated[Path, typer.Argument(metavar="FINDINGS_DIR")]
            all_tools: Annotated[bool, typer.Option(
                "--all-tools", help="racecheck and synccheck too")] = False,
            backend: Annotated[str, typer.Option("--backend", help="cuda")] = "cuda",
-           timeout: TimeoutOpt = 300.0) -> None:
+           timeout: TimeoutOpt = 300.0, as_json: JsonOpt = False) -> None:
     """Replay every finding under memcheck and initcheck, attach the reports to its metadata
     and print one line per root-cause group (count, signature, the findings' own checks)."""
     from harness.sanitizer.run import TOOLS, SanitizerConfig
@@ -188,8 +202,11 @@ def triage(findings_dir: Annotated[Path, typer.Argument(metavar="FINDINGS_DIR")]
     from harness.sanitizer.triage import triage as run_triage
 
     tools = TOOLS if all_tools else BASE_TOOLS
-    with out.status(f"replaying findings under {', '.join(tools)}"):
+    with out.status(f"replaying findings under {', '.join(tools)}", quiet=as_json):
         groups = run_triage(findings_dir, tools, backend, SanitizerConfig(case_timeout_s=timeout))
+    if as_json:
+        out.json({"tools": list(tools), "groups": [g.to_json() for g in groups]})
+        return
     for g in groups:
         out.print(g.line(), markup=False, soft_wrap=True)
     skipped = [f.path for g in groups for f in g.findings if not f.attached]
@@ -229,6 +246,10 @@ def corpus_add(
         out.print(exc.report, markup=False, soft_wrap=True)
         print(f"moe-harness: {exc}", file=sys.stderr)
         raise typer.Exit(1) from None
+    if done.already:
+        out.print(f"{finding}: already in the corpus as {done.path}; nothing written",
+                  markup=False, soft_wrap=True)
+        return
     expects = "; ".join(f"{'+'.join(e.bugs) or 'fixed'} -> {e.outcome}" for e in done.meta.expect)
     out.print(f"{done.path} ({as_}): {expects}", markup=False, soft_wrap=True)
 
@@ -293,8 +314,8 @@ def fuzz(backend: BackendOpt = "cpu", bug: BugOpt = None,
          sanitizer_every: Annotated[int, typer.Option(
              "--sanitizer-every", metavar="N", help="replay every Nth new corpus entry and "
              "every finding under compute-sanitizer memcheck, in a separate process while the "
-             "fuzzer runs; a memcheck error on a corpus entry is a finding (0: off)")] = 0
-         ) -> None:
+             "fuzzer runs; a memcheck error on a corpus entry is a finding (0: off)")] = 0,
+         as_json: JsonOpt = False) -> None:
     """Coverage-guided fuzzing of the chain (atheris): findings deduplicated by signature,
     each saved with its minimised form; exit 1 if there is a finding."""
     from harness.errors import ConfigError
@@ -303,40 +324,51 @@ def fuzz(backend: BackendOpt = "cpu", bug: BugOpt = None,
 
     if seconds is not None and runs is not None:
         raise ConfigError("--time/--runs", "give a time budget or a run budget, not both")
-    config = FuzzConfig(backend=backend, bugs=tuple(bug or ()),
-                        seconds=None if runs is not None else (seconds or 60.0), runs=runs,
+    if runs is None and seconds is None:
+        seconds = 60.0
+    config = FuzzConfig(backend=backend, bugs=tuple(bug or ()), seconds=seconds, runs=runs,
                         corpus_dir=corpus_dir, findings_dir=findings, seed=seed,
                         stop_on_first=stop_on_first, moe_mutators=moe_mutators, graph=graph,
                         device_coverage=device_coverage, minimize=minimize,
                         sanitizer_every=sanitizer_every).resolved()
-    out.print(f"fuzzing {backend} ({', '.join(config.bugs) or 'fixed chain'}), seed "
-              f"{config.seed}, corpus {config.corpus_dir}, findings {config.findings_dir}",
-              markup=False, soft_wrap=True)
+    say = (lambda line: None) if as_json else out.text
+    say(f"fuzzing {backend} ({', '.join(config.bugs) or 'fixed chain'}), seed "
+        f"{config.seed}, corpus {config.corpus_dir}, findings {config.findings_dir}")
     shown: set[str] = set()
-    with out.status("starting the fuzzer") as status:
+    last_line = [0.0]
+    with out.status("starting the fuzzer", quiet=as_json) as status:
         def progress(s) -> None:
             for f in s.findings:
                 if f.signature not in shown:
                     shown.add(f.signature)
-                    out.print(f"[red]finding[/red] {f.signature} after {f.seconds:.1f} s, "
-                              f"{f.executions:,} executions: {f.path}", soft_wrap=True)
+                    say(f"finding {f.signature} after {f.seconds:.1f} s, "
+                        f"{f.executions:,} executions: {f.path}")
             line = _fuzz_line(s)
             if config.sanitizer_every:
                 line += f"  sanitized {s.sanitized} ({s.sanitizer_pending} waiting)"
             status.update(line)
+            if not out.terminal and s.seconds - last_line[0] >= PLAIN_PROGRESS_S:
+                last_line[0] = s.seconds  # a CI log gets a line now and then, not a spinner
+                say(line)
 
         report = run_fuzz(config, progress)
     s = report.status
+    if as_json:
+        out.json({**report.to_json(), "config": config.to_json(),
+                  "new_findings": [f.signature for f in report.new_findings],
+                  "minimize_errors": report.minimize_errors,
+                  "sanitizer_problems": report.sanitizer_problems})
+        raise typer.Exit(1 if report.findings else 0)
+    for sig in s.known:
+        known = next((f for f in report.findings if f.signature == sig), None)
+        out.text(f"{sig} is already known" + (f" ({known.path})" if known else "") +
+                 ": stopping (--stop-on-first)")
     if report.findings:
-        table = Table(title=f"findings ({len(report.new_findings)} new)")
-        for col in ("signature", "severity", "s", "execs", "reproducer", "minimised"):
-            table.add_column(col, overflow="fold")
-        for f in report.findings:
-            when = "earlier" if f.earlier else f"{f.seconds:.1f}"
-            table.add_row(f.signature, f.severity, when,
-                          "" if f.earlier else f"{f.executions:,}", str(f.path),
-                          str(f.minimized or ""))
-        out.print(table)
+        out.table(f"findings ({len(report.new_findings)} new)",
+                  ("signature", "severity", "s", "execs", "reproducer", "minimised"),
+                  [(f.signature, f.severity, "earlier" if f.earlier else f"{f.seconds:.1f}",
+                    "" if f.earlier else f"{f.executions:,}", str(f.path),
+                    str(f.minimized or "")) for f in report.findings])
     for problem in [*report.minimize_errors, *report.sanitizer_problems]:
         out.print(f"note: {problem}", markup=False, soft_wrap=True)
     out.print(f"{s.executions:,} executions in {s.seconds:.1f} s ({s.exec_per_s:,.0f}/s, "
@@ -371,8 +403,11 @@ def minimize_cmd(case_file: Annotated[Path, typer.Argument(metavar="CASE.json")]
     from harness import corpus
     from harness.corpus.format import CaseMeta, Expectation
     from harness.fuzz.minimize import MinimizeConfig, minimize_case
+    from harness.paths import output_dir
 
     case, meta = corpus.load(case_file)
+    if output is not None:
+        output_dir(output, "-o")
     bugs = tuple(bug) if bug else meta.found_with()
     signature, res = minimize_case(case, backend, bugs, signature or meta.signature,
                                    MinimizeConfig(max_runs, seconds))

@@ -92,3 +92,17 @@ def test_check_reports_every_problem_and_exits_1(finding, tmp_path, capsys):
 def test_check_of_a_good_corpus_exits_0(finding, capsys):
     assert main(["corpus", "check", str(finding.parent)]) == 0
     assert "1 case file(s), 0 problem(s)" in capsys.readouterr().out
+
+
+def test_add_of_a_case_already_in_the_corpus_writes_no_duplicate(finding, tmp_path, capsys):
+    root = tmp_path / "corpus"
+    held = corpus.save(corpus.load(finding)[0], root / "bugs" / NAN,
+                       CaseMeta(origin="hand", expect=(Expectation(None, (), "clean"),)))
+    before = held.read_text()
+    assert main(["corpus", "add", str(held), "--corpus-root", str(root)]) == 0
+    assert "already in the corpus" in capsys.readouterr().out
+    assert main(["corpus", "add", str(finding), "--corpus-root", str(root), "--as",
+                 "seed"]) == 0
+    assert f"already in the corpus as {held}" in capsys.readouterr().out
+    assert sorted(root.rglob("*.json")) == [held] and held.read_text() == before
+    assert main(["corpus", "check", str(root)]) == 0

@@ -66,3 +66,22 @@ def test_minimized_form_replaces_the_previous_one(tmp_path):
 def test_status_json_round_trip(tmp_path):
     stored = FindingStore(tmp_path).record(CASE, UNIQUE, 1.0, 1)
     assert type(stored).from_json(stored.to_json()) == stored
+
+
+def test_a_minimised_legal_case_makes_the_finding_legal_everywhere(tmp_path):
+    """One truth: a finding first met out of contract whose minimised form is legal is legal
+    in the store's entry, in the minimised file and after a reload."""
+    import torch
+
+    from harness.case import Overrides
+
+    ids = torch.tensor([[0, 0]] * 8, dtype=torch.int32)
+    ooc = MoECase(8, 8, 2, seed=3, overrides=Overrides(topk_ids=ids))
+    assert ooc.severity == "out-of-contract" and CASE.severity == "legal"
+    store = FindingStore(tmp_path)
+    store.record(ooc, Finding("gating", "unique-ids", "dup", ooc.severity), 1.0, 5)
+    assert store.get("gating:unique-ids").severity == "out-of-contract"
+    stored = store.record_minimized("gating:unique-ids", CASE, runs=3, seconds=0.1)
+    _, meta = corpus.load(stored.minimized)
+    assert stored.severity == meta.extra["severity"] == "legal"
+    assert FindingStore(tmp_path).get("gating:unique-ids").severity == "legal"

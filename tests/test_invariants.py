@@ -159,6 +159,44 @@ def test_gating_checks(clean):
     assert found[0].details["rows"] == [0] and found[0].details["oracle_ids"][0][1] != worst
 
 
+def test_gating_findings_show_the_oracles_rows_beside_the_offending_ones(clean):
+    """What a failing corpus case prints (corpus/explain.py) is these details: every gating
+    finding carries the oracle's ids and weights of its rows, not only the stage's."""
+    from harness.corpus.explain import format_details
+
+    r = clean["base"]
+    res = fresh(r)
+    res.gating_out = altered(r.gating_out, topk_ids=lambda t: t[1].__setitem__(1, t[1, 0]),
+                             topk_weights=lambda t: t[2].__setitem__(0, math.nan))
+    res.output = None
+    found = {f.signature: f for f in invariants.check(res)}
+    want = oracle.gating(r.gating_in)
+    dup, nan = found["gating:unique-ids"].details, found["gating:weights-finite"].details
+    assert dup["rows"] == [1] and dup["oracle_ids"] == [want.topk_ids[1].tolist()]
+    assert dup["ids"][0][0] == dup["ids"][0][1] != dup["oracle_ids"][0][1]
+    assert nan["rows"] == [2] and nan["oracle_weights"][0] == pytest.approx(
+        want.topk_weights[2].tolist())
+    header = [c.strip() for c in format_details(dup)[0].split(" | ")]
+    assert header[:3] == ["rows", "ids", "oracle_ids"]
+
+
+def test_sort_align_bijection_finding_shows_the_oracles_layout(clean):
+    r = clean["base"]
+    out = r.ranks[0].sort_out
+    perm = out.permuted_row
+    x0, x1 = int(out.sorted_token_ids[0]), int(out.sorted_token_ids[out.aligned_offsets[-2]])
+    res = fresh(r)
+    res.ranks = list(r.ranks)
+    rr = dataclasses.replace(r.ranks[0])
+    rr.sort_out = altered(out, permuted_row=lambda t: t.__setitem__([x0, x1], perm[[x1, x0]]))
+    res.ranks[0] = rr
+    [f] = [f for f in invariants.check(res) if f.check == "permutation-bijection"]
+    d = f.details
+    assert len(d["oracle_permuted_row"]) == len(d["rows"]) > 0
+    assert d["oracle_permuted_row"] != d["permuted_row"]
+    assert len(d["oracle_sorted_token_ids"]) == len(d["positions"])
+
+
 def test_gating_renormalized(clean):
     r = fresh(clean["renorm"])
     r.gating_out = altered(r.gating_out, topk_weights=lambda w: w[2].mul_(0.5))

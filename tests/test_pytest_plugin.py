@@ -111,9 +111,9 @@ def test_failure_shows_stage_invariant_rows_and_the_command(pytester):
         "  ok   on the fixed chain: clean",
         f"FAIL with bugs {VARIANT}: expected clean, got gating:unique-ids*",
         "*stage gating, invariant unique-ids: an expert id repeats within a token",
-        "*rows | ids",
-        "*-----+-------",
-        "*0    | [[]0, 0]",  # fnmatch: [[] is a literal [
+        "*rows | ids    | oracle_ids*",  # the offending rows beside the oracle's
+        "*-----+--------+-----------*",
+        "*0    | [[]0, 0] | [[]0, 1]*",  # fnmatch: [[] is a literal [
         f"  moe-harness run {rel(wrong, pytester)} --backend cpu --bug {VARIANT}",
     ])
     assert "Traceback" not in result.stdout.str()

@@ -312,6 +312,20 @@ def test_cli_replay_exit_codes(tmp_path, capsys):
     assert "no such case" in capsys.readouterr().err
 
 
+def test_cli_replay_of_a_dir_reports_an_unreadable_file_and_replays_the_rest(tmp_path, capsys):
+    cases = [corpus.save(MoECase(8 + i, 8, 2, seed=i), tmp_path / "c") for i in range(2)]
+    bad = tmp_path / "c" / "0000000000000000.json"
+    bad.write_text("{not json")
+    assert main(["replay", str(tmp_path / "c")]) == 1  # the bad file counts: a failed replay
+    lines = capsys.readouterr().out.splitlines()
+    for c in cases:
+        assert any(f"{c}: clean" in line for line in lines)
+    [line] = [ln for ln in lines if str(bad) in ln]
+    assert "unreadable" in line and "JSON" in line
+    # named on its own, a bad file is bad input
+    assert main(["replay", str(bad)]) == 2
+
+
 def test_cli_triage_groups_and_attaches(fake_sanitizer, tmp_path, capsys, monkeypatch):
     """Two findings with one root cause, one with none (another variant set: another
     process); the reports go into the metadata, which keeps what it had."""
@@ -339,6 +353,10 @@ def test_cli_triage_groups_and_attaches(fake_sanitizer, tmp_path, capsys, monkey
     _, m_other = corpus.load(other)
     assert m_other.extra["sanitizer"]["memcheck"] == {"status": "clean", "errors": 0,
                                                       "reports": []}
+    assert main(["triage", str(d), "--backend", "cpu", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["tools"] == ["memcheck"] and [g["count"] for g in doc["groups"]] == [2, 1]
+    assert doc["groups"][0]["findings"][0]["reports"][0]["kernel"] == "topk_gating_warp"
 
 
 def test_cli_triage_empty_dir_is_bad_input(tmp_path, capsys):

@@ -662,7 +662,11 @@ def save(case: MoECase, directory: str | os.PathLike, meta: CaseMeta | None = No
     """
     case_json = case_to_json(case)
     path = Path(directory) / f"{_hash(case_json)}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where the directory should be, a read-only mount
+        raise CorpusError(str(directory), f"cannot write a case here: "
+                                          f"{exc.strerror or exc}") from None
     old_text = None
     if path.exists():
         try:
@@ -674,7 +678,10 @@ def save(case: MoECase, directory: str | os.PathLike, meta: CaseMeta | None = No
     doc = {"schema": SCHEMA_VERSION, "case": case_json, "meta": meta_to_json(meta or CaseMeta())}
     text = _pretty(doc) + "\n"
     if text != old_text:
-        _atomic_write(path, text)
+        try:
+            _atomic_write(path, text)
+        except OSError as exc:
+            raise CorpusError(str(path), f"cannot write: {exc.strerror or exc}") from None
     return path
 
 

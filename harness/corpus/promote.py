@@ -19,7 +19,7 @@ from harness import corpus
 from harness.backends import resolve_target
 from harness.corpus import expect, explain
 from harness.corpus.format import CaseMeta, Expectation
-from harness.errors import HarnessError, PromotionRefused
+from harness.errors import ConfigError, HarnessError, PromotionRefused
 
 #: where each kind of promoted case goes, under the corpus root
 KINDS = {"regression": "regressions", "seed": "seeds"}
@@ -31,6 +31,14 @@ class Promoted:
     meta: CaseMeta
     #: the replay's results on the verifying backend (empty when not verified)
     results: tuple = ()
+    #: the case was already in the corpus (at `path`): nothing was written
+    already: bool = False
+
+
+def find_case(root: Path, content_hash: str) -> Path | None:
+    """The file under the corpus `root` that holds the case of `content_hash` (files are
+    named by it, `corpus check` enforces that), or None."""
+    return next((p for p in corpus.iter_corpus(root) if p.stem == content_hash), None)
 
 
 def promoted_meta(meta: CaseMeta, kind: str, source: str) -> CaseMeta:
@@ -47,12 +55,20 @@ def promote(finding: str | Path, kind: str = "regression", root: str | Path = "c
     """Write `finding` into `root`/regressions or `root`/seeds with its corpus expectation.
 
     `verify`: the target ("cpu", "cuda", "module:attr") the case is replayed on first
-    (None: not replayed). Raises `CorpusError` for an unreadable file, `HarnessError` for a
-    seed that is not legal, `PromotionRefused` when the replay does not meet the expectation.
+    (None: not replayed). A case already under `root` (any file with its content hash) is
+    not written again: the result names that file, `already` set. Raises `CorpusError` for
+    an unreadable file, `HarnessError` for a seed that is not legal, `PromotionRefused` when
+    the replay does not meet the expectation.
     """
     if kind not in KINDS:
         raise HarnessError(f"--as {kind}: expected one of {', '.join(KINDS)}")
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ConfigError("corpus root", f"{root} exists and is not a directory")
     case, meta = corpus.load(finding)
+    existing = find_case(root, corpus.content_hash(case))
+    if existing is not None:  # a second copy would be a duplicate `corpus check` rejects
+        return Promoted(existing, corpus.load(existing)[1], already=True)
     if kind == "seed" and case.severity != "legal":
         raise HarnessError(f"{finding}: a seed must be a legal case; this one is "
                            f"{case.severity} ({', '.join(case.contract_violations()) or 'faults'})"
@@ -66,5 +82,5 @@ def promote(finding: str | Path, kind: str = "regression", root: str | Path = "c
             report = explain.explain(str(finding), verify, case, results)
             raise PromotionRefused(f"{finding} does not meet its corpus expectation on "
                                    f"{verify}; not promoted", report)
-    path = corpus.save(case, Path(root) / KINDS[kind], new)
+    path = corpus.save(case, root / KINDS[kind], new)
     return Promoted(path, new, results)

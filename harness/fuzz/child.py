@@ -49,6 +49,8 @@ class _Child:
         self.executor = None
         self.store = FindingStore(config.findings_dir, config.backend, config.bugs, config.seed)
         self.new: list[StoredFinding] = []
+        #: signatures found again that an earlier run on the findings directory had found
+        self.known: list[str] = []
         self.semantic: set[int] = set()
         self.executions = self.invalid = self.decode_errors = 0
         self._last_status = 0.0
@@ -66,8 +68,8 @@ class _Child:
                   "semantic": len(self.semantic), "invalid": self.invalid,
                   "decode_errors": self.decode_errors,
                   "restarts": getattr(self.executor, "restarts", 0),
-                  "findings": [f.to_json() for f in self.new], "done": done, "reason": reason,
-                  "error": error}
+                  "findings": [f.to_json() for f in self.new], "known": self.known,
+                  "done": done, "reason": reason, "error": error}
         _write_json(self.run_dir / "status.json", status)
         self._last_status = time.monotonic()
 
@@ -105,9 +107,14 @@ class _Child:
             if stored is not None:
                 self.new.append(stored)
                 found = True
+            elif finding.signature not in self.known and \
+                    all(f.signature != finding.signature for f in self.new):
+                self.known.append(finding.signature)
         c = self.config
         if found and c.stop_on_first:
             self.finish("first finding")
+        if self.known and c.stop_on_first:  # found before, by an earlier run: say so, stop
+            self.finish("known finding")
         if c.seconds is not None and self.elapsed() >= c.seconds:
             self.finish("time budget")
         if c.runs is not None and self.executions >= c.runs:

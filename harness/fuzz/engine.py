@@ -16,7 +16,10 @@ features (`features.features`, including the cuda backend's device coverage) bum
 reserved once with `atheris._reserve_counter()`.
 
 Findings never reach libFuzzer: the test function records them (deduplicated by signature)
-and returns, so fuzzing goes on; with `stop_on_first` the child exits after saving the first.
+and returns, so fuzzing goes on; with `stop_on_first` the child exits after saving the first,
+or at the first input whose finding an earlier run on the same findings directory had found
+(reason "known finding", the signature in `FuzzStatus.known`): a rerun of the same job stops
+as soon as it meets the bug again instead of spending its budget.
 The variants (`bugs`) are handed to the executor unread. `seed` makes a run with `runs`
 reproducible; a killed run resumes from its corpus and findings directories.
 """
@@ -40,6 +43,7 @@ from typing import TYPE_CHECKING
 
 from harness.errors import BackendUnavailable, ConfigError, HarnessError
 from harness.fuzz.store import FindingStore, StoredFinding
+from harness.paths import output_dir
 
 if TYPE_CHECKING:  # imported where used: the child must not import them uninstrumented
     from harness.fuzz.sanitize import BackgroundSanitizer
@@ -93,7 +97,8 @@ class FuzzConfig:
     libfuzzer_args: tuple[str, ...] = ()
 
     def resolved(self) -> FuzzConfig:
-        """Checked, with the seed and the corpus directory filled in."""
+        """Checked, with the seed and the corpus directory filled in; the findings and corpus
+        directories are made here (`ConfigError` when they cannot be)."""
         from harness.bugs import BugSet
 
         BugSet.of(self.bugs)  # UnknownVariant names a bad variant
@@ -114,8 +119,11 @@ class FuzzConfig:
         if self.sanitizer_every < 0:
             raise ConfigError("sanitizer_every", f"must be >= 0, got {self.sanitizer_every}")
         seed = self.seed if self.seed is not None else random.SystemRandom().randrange(1, 2**31)
-        findings = Path(self.findings_dir)
-        corpus = Path(self.corpus_dir) if self.corpus_dir is not None else findings / "corpus"
+        # a file or an unwritable place given as a directory: one line now, not a traceback
+        # after the budget
+        findings = output_dir(self.findings_dir, "findings_dir")
+        corpus = output_dir(self.corpus_dir if self.corpus_dir is not None
+                            else findings / "corpus", "corpus_dir")
         return replace(self, seed=seed, findings_dir=findings, corpus_dir=corpus,
                        bugs=tuple(sorted(set(self.bugs))))
 
@@ -151,6 +159,8 @@ class FuzzStatus:
     decode_errors: int = 0
     restarts: int = 0
     findings: list[StoredFinding] = field(default_factory=list)
+    #: signatures hit again that an earlier run on the same findings directory had found
+    known: list[str] = field(default_factory=list)
     #: cases replayed under memcheck (`sanitizer_every`), its error reports, cases waiting
     sanitized: int = 0
     sanitizer_errors: int = 0
@@ -187,7 +197,8 @@ class FuzzReport:
                 "coverage": s.coverage, "features": s.features, "semantic": s.semantic,
                 "corpus_size": s.corpus_size, "restarts": s.restarts, "reason": s.reason,
                 "sanitized": s.sanitized, "sanitizer_errors": s.sanitizer_errors,
-                "findings": [f.to_json() for f in self.findings], "log": str(self.log)}
+                "findings": [f.to_json() for f in self.findings], "known": s.known,
+                "log": str(self.log)}
 
 
 Progress = Callable[[FuzzStatus], bool | None]
@@ -238,6 +249,7 @@ class _Watcher:
                         "restarts", "done", "reason"):
                 setattr(s, key, obj[key])
             s.findings = [StoredFinding.from_json(f) for f in obj["findings"]]
+            s.known = list(obj.get("known", []))
             self.error = obj["error"]
         with contextlib.suppress(OSError), open(self.log_path, "rb") as log:
             log.seek(self._log_offset)
@@ -262,7 +274,7 @@ class _Minimizer:
     def __init__(self, config: FuzzConfig) -> None:
         self.config = config
         self.store = FindingStore(config.findings_dir, config.backend, config.bugs, config.seed)
-        self.done: dict[str, Path] = {}
+        self.done: dict[str, StoredFinding] = {}
         self.errors: list[str] = []
         self._queue: list[str] = []
         self._seen: set[str] = set()
@@ -302,7 +314,7 @@ class _Minimizer:
                                        MinimizeConfig(max_seconds=self.config.minimize_seconds))
                 stored = self.store.record_minimized(signature, res.case, res.runs,
                                                      res.seconds)
-                self.done[signature] = stored.minimized
+                self.done[signature] = stored
             except Exception as exc:  # a report, never a crash of the run
                 self.errors.append(f"minimising {signature}: {type(exc).__name__}: {exc}")
 
@@ -338,6 +350,15 @@ def _merge_sanitizer(status: FuzzStatus, sanitizer: BackgroundSanitizer | None) 
         list(sanitizer.findings)
 
 
+def _final_status(path: Path, status: FuzzStatus) -> None:
+    """Rewrite the child's last status with the findings as they ended (minimised, with the
+    minimised case's severity): one truth for whoever reads status.json afterwards."""
+    obj = _read_json(path)
+    if obj is not None:
+        obj["findings"] = [f.to_json() for f in status.findings]
+        _write_json(path, obj)
+
+
 def fuzz(config: FuzzConfig, progress: Progress | None = None) -> FuzzReport:
     """Run the fuzzer as `config` says; `progress(status)` is called about 4 times a second
     and may return True to stop the run. Raises `ConfigError` for a bad configuration,
@@ -352,8 +373,7 @@ def fuzz(config: FuzzConfig, progress: Progress | None = None) -> FuzzReport:
         check_available(config.backend, SanitizerConfig())
     findings_dir, corpus_dir = config.findings_dir, config.corpus_dir
     run_dir = findings_dir / RUN_DIR
-    for d in (findings_dir, corpus_dir, run_dir):
-        d.mkdir(parents=True, exist_ok=True)
+    output_dir(run_dir, "findings_dir")
     for stale in ("status.json", "libfuzzer.log"):
         (run_dir / stale).unlink(missing_ok=True)
     earlier = FindingStore(findings_dir, config.backend, config.bugs, config.seed).findings()
@@ -423,9 +443,11 @@ def fuzz(config: FuzzConfig, progress: Progress | None = None) -> FuzzReport:
     if config.minimize:
         minimizer.join(config.minimize_seconds * max(1, len(status.findings)) + 30)
     new = {f.signature: f for f in status.findings}
-    for sig, path in minimizer.done.items():
+    for sig, stored in minimizer.done.items():
         if sig in new:
-            new[sig] = replace(new[sig], minimized=path)
+            new[sig] = replace(new[sig], minimized=stored.minimized, severity=stored.severity)
+    status.findings = list(new.values())
+    _final_status(watcher.status_path, status)
     findings = [f for f in earlier if f.signature not in new] + list(new.values())
     if progress is not None:
         progress(status)

@@ -97,16 +97,24 @@ class FindingStore:
                     continue
                 extra = meta.extra
                 execs = extra.get("executions_to_find")
+                minimized, severity = self._minimized(sigdir)
                 self._found[meta.signature] = StoredFinding(
-                    meta.signature, str(extra.get("severity", "legal")),
+                    meta.signature, severity or str(extra.get("severity", "legal")),
                     str(extra.get("message", "")), _number(extra.get("seconds_to_find")),
                     execs if isinstance(execs, int) and not isinstance(execs, bool) else None,
-                    path, self._minimized_path(sigdir), earlier=True)
+                    path, minimized, earlier=True)
 
     @staticmethod
-    def _minimized_path(sigdir: Path) -> Path | None:
-        found = sorted((sigdir / MINIMIZED).glob("*.json"))
-        return found[0] if found else None
+    def _minimized(sigdir: Path) -> tuple[Path | None, str | None]:
+        """The minimised reproducer and its severity (the finding's severity from then on:
+        see `record_minimized`), or (None, None)."""
+        for path in sorted((sigdir / MINIMIZED).glob("*.json")):
+            try:
+                case, meta = corpus.load(path)
+            except CorpusError:
+                continue
+            return path, str(meta.extra.get("severity", case.severity))
+        return None, None
 
     def __contains__(self, signature: str) -> bool:
         return signature in self._found
@@ -155,7 +163,11 @@ class FindingStore:
 
     def record_minimized(self, signature: str, case: MoECase, runs: int,
                          seconds: float) -> StoredFinding:
-        """Store the minimised reproducer of a known signature (replacing an earlier one)."""
+        """Store the minimised reproducer of a known signature (replacing an earlier one).
+
+        The entry returned takes the minimised case's severity: a finding whose first input
+        was out of contract but whose minimised form is legal is a bug on legal input, and the
+        table, status.json and the minimised file say the same."""
         old = self._found[signature]
         sigdir = self.directory / signature_dir(signature)
         # the minimised case may have shed what made the original out of contract or faulty
@@ -166,6 +178,6 @@ class FindingStore:
         for stale in (sigdir / MINIMIZED).glob("*.json"):
             if stale != path:
                 stale.unlink(missing_ok=True)
-        new = replace(old, minimized=path)
+        new = replace(old, minimized=path, severity=finding.severity)
         self._found[signature] = new
         return new

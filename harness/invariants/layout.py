@@ -85,8 +85,10 @@ def sort_align(rr: RankRun, rep: Report) -> None:
         x = first(bad_x)
         p = first(bad_p)
         rep.add("permutation-bijection", "permuted_row and sorted_token_ids are not inverse "
-                "over the valid pairs", rows=x, permuted_row=perm[x], local_ids=local[x],
-                positions=p, sorted_token_ids=sid[p])
+                "over the valid pairs", rows=x, permuted_row=perm[x],
+                oracle_permuted_row=want.permuted_row[x], local_ids=local[x],
+                positions=p, sorted_token_ids=sid[p],
+                oracle_sorted_token_ids=_at(want.sorted_token_ids, p))
 
     # alignment: by the stage's own (consistent) offsets
     if consistent:
@@ -124,6 +126,15 @@ def sort_align(rr: RankRun, rep: Report) -> None:
         rep.add("matches-oracle", f"differs from the oracle's layout in {', '.join(diffs)}",
                 differing=diffs, rows=x, permuted_row=perm[x],
                 oracle_permuted_row=want.permuted_row[x])
+
+
+def _at(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t[index], -1 where an index is past the end of `t` (the oracle's layout may be shorter
+    than the stage's)."""
+    inside = index < t.numel()
+    out = torch.full_like(index, -1)
+    out[inside] = t[index[inside]].long()
+    return out
 
 
 def _same(a, b: torch.Tensor) -> bool:

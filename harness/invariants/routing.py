@@ -40,7 +40,9 @@ def gating(res: RunResult, rep: Report) -> None:
         safe = ids.masked_fill(~in_range, 0)
         if not bool(rows_ok.all()):
             r = first(~rows_ok)
-            rep.add("ids-in-range", f"expert ids outside [0, {E})", rows=r, ids=ids[r])
+            want = _oracle_rows(inp, r)
+            rep.add("ids-in-range", f"expert ids outside [0, {E})", rows=r, ids=ids[r],
+                    oracle_ids=want.topk_ids)
     # the selection is defined for biases > the kernels' mask value (-10000) only: below it
     # (or NaN) a chosen expert is selected again, by the kernels' design (see the oracle), and
     # the case is out of contract (MoECase.contract_violations)
@@ -50,13 +52,17 @@ def gating(res: RunResult, rep: Report) -> None:
         dup = _repeats(ids)
         if dup is not None:
             r = first(dup)
-            rep.add("unique-ids", "an expert id repeats within a token", rows=r, ids=ids[r])
+            want = _oracle_rows(inp, r)
+            rep.add("unique-ids", "an expert id repeats within a token", rows=r, ids=ids[r],
+                    oracle_ids=want.topk_ids, weights=w[r], oracle_weights=want.topk_weights)
     if not (w_lo >= 0 and w_hi < math.inf):  # a NaN fails both (aminmax propagates it)
         bad_w = ~((w >= 0) & (w < math.inf))
         if bool(bad_w.any()):
             r = first(bad_w)
+            want = _oracle_rows(inp, r)
             rep.add("weights-finite", "a weight is NaN, infinite or negative", rows=r,
-                    weights=w[r])
+                    weights=w[r], oracle_weights=want.topk_weights, ids=ids[r],
+                    oracle_ids=want.topk_ids)
 
     rtol, atol = oracle.tolerance("fp32")  # scores are fp32 by contract, whatever the input
     safe = ids if safe is None else safe
@@ -80,10 +86,17 @@ def gating(res: RunResult, rep: Report) -> None:
                 sums=w[r].sum(1))
     if any_match and not rep.found:
         r = first(bad_match)
-        want = oracle.gating(type(inp)(logits[r], bias, K, inp.scoring, inp.renormalize))
+        want = _oracle_rows(inp, r)
         rep.add("matches-oracle", "ids or weights differ from the oracle's top-k", rows=r,
                 ids=ids[r], oracle_ids=want.topk_ids, weights=w[r],
                 oracle_weights=want.topk_weights)
+
+
+def _oracle_rows(inp, rows: torch.Tensor):
+    """The oracle's top-k of the offending `rows` only (a failure path: the rows a finding
+    shows beside the stage's own, never the whole batch)."""
+    return oracle.gating(type(inp)(inp.gating_logits[rows], inp.correction_bias, inp.topk,
+                                   inp.scoring, inp.renormalize))
 
 
 def _repeats(ids: torch.Tensor) -> torch.Tensor | None:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.errors import BackendUnavailable, HarnessError, SanitizerUnavailable
+from harness.errors import BackendUnavailable, CorpusError, HarnessError, SanitizerUnavailable
 from harness.isolation import describe_exit
 from harness.sanitizer.child import EXIT_CONTEXT_LOST, MARKER
 from harness.sanitizer.report import (
@@ -439,16 +439,19 @@ def _interpret(log: _ProcessLog, tool: str | None, xml_path: Path | None,
 # -- the API -----------------------------------------------------------------------------------
 
 
-def _collect(items: Iterable[Any], workdir: Path,
-             bugs: tuple[str, ...]) -> list[tuple[int, str, tuple[str, ...]]]:
+def _collect(items: Iterable[Any], workdir: Path, bugs: tuple[str, ...]
+             ) -> tuple[list[tuple[int, str, tuple[str, ...]]], list[CaseResult]]:
     """(index, path, variants) of every case: files, directories (recursively) and `MoECase`s
-    (saved under `workdir`), each with `bugs`, or given as a pair (item, its own variants).
-    Every file is loaded once here, so bad input fails before anything runs."""
+    (saved under `workdir`), each with `bugs`, or given as a pair (item, its own variants);
+    and a CaseResult with status "error" for each file under a directory that cannot be
+    loaded (the rest still replay). Every file is loaded once here, so a bad file named on
+    its own fails before anything runs (`CorpusError`)."""
     from harness import corpus
     from harness.bugs import BugSet
     from harness.case import MoECase
 
     out: list[tuple[str, tuple[str, ...]]] = []
+    unreadable: list[tuple[str, str]] = []
     for item in items:
         own = bugs
         if isinstance(item, tuple) and len(item) == 2:
@@ -460,11 +463,20 @@ def _collect(items: Iterable[Any], workdir: Path,
         if not p.exists():
             raise HarnessError(f"{p}: no such case file or directory")
         for f in corpus.iter_corpus(p):
-            corpus.load(f)
+            try:
+                corpus.load(f)
+            except CorpusError as exc:
+                if not p.is_dir():
+                    raise
+                unreadable.append((str(f), str(exc)))
+                continue
             out.append((str(f), own))
-    if not out:
+    if not out and not unreadable:
         raise HarnessError("no cases to replay (no .json case files found)")
-    return [(i, path, own) for i, (path, own) in enumerate(out)]
+    entries = [(i, path, own) for i, (path, own) in enumerate(out)]
+    bad = [CaseResult(len(out) + i, path, "error", message=f"unreadable: {why}")
+           for i, (path, why) in enumerate(unreadable)]
+    return entries, bad
 
 
 #: the buffer size (`MoECase.memory_estimate`, bytes) up to which `small_cases` keeps a case:
@@ -512,9 +524,9 @@ def replay_cases(cases: Iterable[Any], tool: str | None = None, backend: str = "
         else:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(
                 prefix="moe-sanitizer-")))
-        entries = _collect(cases, workdir, tuple(bug_names))
+        entries, unreadable = _collect(cases, workdir, tuple(bug_names))
         results = {i: CaseResult(i, p, bugs=b) for i, p, b in entries}
-        run = SanitizerRun(tool, list(results.values()))
+        run = SanitizerRun(tool, [*results.values(), *unreadable])
         pending = entries
         while pending:
             attempt = run.processes

@@ -66,6 +66,13 @@ class TriageGroup:
     root_cause: str
     findings: list[TriagedFinding]
 
+    def to_json(self) -> dict[str, Any]:
+        return {"root_cause": self.root_cause, "count": len(self.findings),
+                "findings": [{"path": f.path, "signature": f.signature, "bugs": list(f.bugs),
+                              "status": f.status, "attached": f.attached,
+                              "reports": [r.to_json() for r in f.reports]}
+                             for f in self.findings]}
+
     def line(self) -> str:
         sigs = sorted({f.signature or "?" for f in self.findings})
         return (f"{len(self.findings):4d}  {self.root_cause}  [{', '.join(sigs)}]  e.g. "
