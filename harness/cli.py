@@ -274,6 +274,47 @@ def corpus_check(directories: Annotated[list[Path], typer.Argument(metavar="DIR.
     raise typer.Exit(1 if problems else 0)
 
 
+def _merge_report(res, verb: str) -> None:
+    for problem in res.problems:
+        out.text(f"note: {problem}")
+    out.text(f"{res.inputs} input file(s): {len(res.kept)} kept, {len(res.dropped)} "
+             f"{verb}; {res.features} features")
+
+
+@corpus_app.command("merge")
+@clean_errors
+def corpus_merge(sources: Annotated[list[Path], typer.Argument(metavar="SRC...")],
+                 output: Annotated[Path, typer.Option(
+                     "-o", "--output", help="the corpus directory to merge into (what it "
+                     "holds is kept)")]) -> None:
+    """Add to DIR the fewest cases of SRC... that reach coverage features DIR does not
+    (libFuzzer's -merge=1, on the cpu backend, under each case's variant sets)."""
+    from harness.fuzz.merge import merge
+
+    with out.status("profiling cases on the cpu backend") as status:
+        res = merge(sources, output, lambda p: status.update(f"running {p}"))
+    for p in res.kept:
+        out.text(f"kept {p}")
+    _merge_report(res, "not needed")
+
+
+@corpus_app.command("prune")
+@clean_errors
+def corpus_prune(directory: Annotated[Path, typer.Argument(metavar="DIR")],
+                 dry_run: Annotated[bool, typer.Option(
+                     "--dry-run", help="say what would be removed, remove nothing")] = False
+                 ) -> None:
+    """Remove from DIR every case outside the smallest set with the same coverage features
+    (unreadable files are reported and kept)."""
+    from harness.fuzz.merge import prune
+
+    with out.status("profiling cases on the cpu backend") as status:
+        res = prune(directory, dry_run, lambda p: status.update(f"running {p}"))
+    for p in res.dropped:
+        out.text(f"{'would remove' if dry_run else 'removed'} {p}")
+    _merge_report(res, "would be removed" if dry_run else "removed")
+
+
 # -- fuzzing and minimisation (harness.fuzz) ---------------------------------------------------
 
 
