@@ -5,41 +5,19 @@ Exit codes: 0 clean, 1 a finding, 2 bad usage or bad input (one line naming the 
 
 from __future__ import annotations
 
-import functools
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from harness.errors import HarnessError
-from harness.output import PLAIN_PROGRESS_S, Printer
+from harness import cli_ci
+from harness.cli_common import BackendOpt, BugOpt, JsonOpt, clean_errors, out
+from harness.output import PLAIN_PROGRESS_S
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fuzzing and fault injection for MoE routing pipelines.")
-#: tables on a terminal, plain tab-separated lines in a log, JSON with --json
-out = Printer()
-
-def clean_errors(fn: Callable) -> Callable:
-    """Turn a `HarnessError` raised by a command into one line on stderr and exit 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except HarnessError as exc:
-            print(f"moe-harness: error: {exc}", file=sys.stderr)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
-BackendOpt = Annotated[str, typer.Option("--backend", help="cpu | cuda")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document on stdout "
-                                       "instead of tables and lines")]
-BugOpt = Annotated[list[str] | None, typer.Option("--bug", help="switch a bug variant on "
-                                                  "(repeatable; `moe-harness bugs` lists them)")]
+app.add_typer(cli_ci.app)  # gate, report: their commands at the top level
 
 
 @app.command()
