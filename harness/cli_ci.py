@@ -84,3 +84,25 @@ def gate(target: Annotated[str, typer.Option(
              f"{fuzzed:,} fuzz executions over {where}; {len(result.findings)} finding(s); "
              f"{result.seconds:.1f} s")
     raise typer.Exit(result.exit_code)
+
+
+@app.command()
+@clean_errors
+def report(run_dir: Annotated[Path, typer.Argument(
+               metavar="RUN_DIR", help="a fuzz run directory, or a findings directory (its "
+               "latest run)")],
+           output: Annotated[Path, typer.Option("-o", "--output", help="the HTML file")
+                             ] = Path("report.html"),
+           max_inputs: Annotated[int, typer.Option(
+               "--max-inputs", help="corpus inputs replayed for the per-stage coverage")
+           ] = 300) -> None:
+    """One self-contained HTML page for a fuzz campaign: coverage, features and executions/s
+    over time, the findings on a timeline with links to their reproducers, per-stage
+    coverage, the configuration."""
+    from harness.paths import output_file
+    from harness.report.html import write_report
+
+    output_file(output, "-o")
+    path, camp = write_report(run_dir, output, max_inputs)
+    out.text(f"wrote {path}: {len(camp.samples)} sample(s), {len(camp.findings)} finding(s), "
+             f"run {camp.path}")
