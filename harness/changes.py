@@ -16,10 +16,9 @@ import subprocess
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
+from harness.chain import STAGES
 from harness.errors import ConfigError
 
-#: the stages a gate can focus on, in chain order (harness.chain.STAGES)
-STAGES = ("gating", "dispatch", "sort_align", "experts", "finalize", "lora_align")
 #: repository paths (fnmatch patterns, first match wins) -> the stages they implement
 PATH_STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kernels/gating.cu", ("gating",)),
@@ -47,7 +46,7 @@ NAME_WORDS: tuple[tuple[str, str], ...] = (
     ("lora", "lora_align"), ("gating", "gating"), ("topk", "gating"), ("router", "gating"),
     ("dispatch", "dispatch"), ("a2a", "dispatch"), ("all_to_all", "dispatch"),
     ("sort", "sort_align"), ("align", "sort_align"), ("finalize", "finalize"),
-    ("unpermute", "finalize"), ("combine", "finalize"), ("expert", "experts"),
+    ("unpermute", "finalize"), ("combine", "combine"), ("expert", "experts"),
     ("gemm", "experts"),
 )
 SOURCE_SUFFIXES = (".cu", ".cuh", ".h", ".hpp", ".cc", ".cpp", ".c", ".py")
@@ -69,7 +68,7 @@ def stages_of(path: str) -> tuple[str, ...]:
 
 
 def changed_stages(paths: Iterable[str]) -> tuple[str, ...]:
-    """The stages any of `paths` touches, in chain order."""
+    """The stages any of `paths` touches, in the chain's run order (`harness.chain.STAGES`)."""
     touched = {s for p in paths for s in stages_of(p)}
     return tuple(s for s in STAGES if s in touched)
 

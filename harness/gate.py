@@ -185,20 +185,21 @@ def replay_corpus(config: GateConfig, progress: Progress | None = None) -> list[
     """Every corpus file against its stored expectations on the target (a child process for
     targets that ask for isolation: cuda; a crash or a hang fails that case only)."""
     from harness import corpus
+    from harness.backends import resolve_target, target_traits
     from harness.corpus import expect, explain
 
     files = _corpus_files(config.corpus_dirs)
     if not files:
         return []
-    name = expect.target_name(config.target)
+    name, isolate = target_traits(config.target)
     runner = target = None
-    if expect.wants_isolation(config.target):
+    if isolate:
         from harness.isolation import Isolated
 
         runner = Isolated(setup=[("harness.corpus.expect:prepare_target",
                                   {"target": config.target})])
     else:
-        target = expect.load_target(config.target)
+        target = resolve_target(config.target)
     out: list[CorpusCase] = []
     try:
         for i, path in enumerate(files):

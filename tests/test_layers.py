@@ -2,7 +2,7 @@
 
     ground floor (errors, bugs, memory, geometry, findings, case, isolation, gpus)
     -> chain -> backends -> oracle / invariants / api -> corpus -> fuzz / sanitizer / demo
-    -> pytest plugin / CLI
+    -> gate (and the changed stages) -> report -> pytest plugin / CLI
 
 Every import counts, those inside functions too: a deferred import is still a dependency.
 """
@@ -15,13 +15,16 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "harness"
 LAYERS = [
     {"harness.errors", "harness.bugs", "harness.memory", "harness.geometry",
-     "harness.findings", "harness.case", "harness.isolation", "harness.gpus"},
+     "harness.findings", "harness.case", "harness.isolation", "harness.gpus", "harness.paths"},
     {"harness.chain"},
     {"harness.backends"},
     {"harness.oracle", "harness.invariants", "harness.api"},
     {"harness.corpus"},
     {"harness.fuzz", "harness.sanitizer", "harness.demo"},
-    {"harness.pytest_plugin", "harness.cli"},
+    {"harness.gate", "harness.changes"},
+    {"harness.report"},
+    {"harness.pytest_plugin", "harness.cli", "harness.cli_common", "harness.cli_ci",
+     "harness.output"},
 ]
 
 

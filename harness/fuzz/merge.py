@@ -63,12 +63,12 @@ def profile(path: str | os.PathLike, target=None) -> CaseProfile:
     """Load `path` and run it on the cpu backend (or `target`) under each of its variant sets;
     `HarnessError` (a `CorpusError`, a `CaseError`) when it cannot be loaded or run."""
     from harness.api import execute
-    from harness.backends import get_target
+    from harness.backends import resolve_target
     from harness.chain.runner import chain_mode
     from harness.fuzz.features import feature_id, named_features
 
     case, meta = corpus.load(path)
-    target = target if target is not None else get_target("cpu")
+    target = target if target is not None else resolve_target("cpu")
     feats: set[Feature] = set()
     by_stage: dict[str, set[Feature]] = {}
     for bugs in variant_sets(meta):
@@ -91,9 +91,9 @@ def profile_all(paths: Iterable[Path], progress: Callable[[Path], None] | None =
                 ) -> tuple[list[CaseProfile], dict[Path, str]]:
     """Profiles of the loadable, runnable files (one per distinct case: the same case in two
     files is one profile, its metadata merged), and one line per file left out."""
-    from harness.backends import get_target
+    from harness.backends import resolve_target
 
-    target = get_target("cpu")
+    target = resolve_target("cpu")
     out: dict[str, CaseProfile] = {}
     problems: dict[Path, str] = {}
     for path in paths:

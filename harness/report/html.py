@@ -43,7 +43,7 @@ def stage_coverage(camp: Campaign, max_inputs: int = MAX_INPUTS,
     variants: per stage, the branch counters reached. Returns them and the inputs replayed."""
     from harness import corpus
     from harness.api import execute
-    from harness.backends import get_target
+    from harness.backends import resolve_target
     from harness.fuzz import codec
     from harness.fuzz.engine import codec_limits
 
@@ -54,7 +54,7 @@ def stage_coverage(camp: Campaign, max_inputs: int = MAX_INPUTS,
     files = files[:max_inputs]
     limits = codec_limits("cpu")
     bugs = tuple(camp.config.get("bugs", ()))
-    target = get_target("cpu")
+    target = resolve_target("cpu")
     hits: Counter[str] = Counter()
     start, done = time.monotonic(), 0
     try:

@@ -67,9 +67,9 @@ def source_location(target: str, stage: str) -> tuple[Path, int] | None:
         found = kernel_lines(str(KERNEL_DIR)).get(stage)
         return (Path(found[0]), found[1]) if found else None
     try:
-        from harness.corpus.expect import resolve_target
+        from harness.backends import _lookup  # the object named, not built: no kernels
 
-        obj = resolve_target(target)
+        obj = _lookup(target)
         cls = obj if isinstance(obj, type) else type(obj)
         method = getattr(cls, stage, None)
         if method is None:
