@@ -30,6 +30,22 @@ def output_dir(path: str | os.PathLike, option: str) -> Path:
     return p
 
 
+def check_output_dir(path: str | os.PathLike, option: str) -> Path:
+    """`output_dir`'s checks without making anything: `path` is a directory or can be made
+    under its nearest existing ancestor (a directory we may write into). What only the
+    attempt can tell (a read-only mount, /proc) `output_dir` reports when it makes it."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(option, f"{p} exists and is not a directory")
+    ancestor = p
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not p.exists() and (not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK)):
+        raise ConfigError(option, f"cannot create the directory {p}: {ancestor} is not a "
+                                  "writable directory")
+    return p
+
+
 def output_file(path: str | os.PathLike, option: str) -> Path:
     """`path` as a file we can (over)write: not a directory, its parent made if missing and
     writable; `ConfigError` naming `option` otherwise. Nothing is written here."""

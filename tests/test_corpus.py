@@ -299,7 +299,7 @@ def test_save_writes_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CorpusError, match="cannot write: disk full"):  # one line, exit 2
         corpus.save(rich_case(), tmp_path, CaseMeta(note="two"))
     assert path.read_bytes() == before  # the old file is untouched, the temp file removed
     assert sorted(os.listdir(tmp_path)) == [path.name]

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 
 from harness.errors import BackendUnavailable, ConfigError, HarnessError
 from harness.fuzz.store import FindingStore, StoredFinding
-from harness.paths import output_dir
+from harness.paths import check_output_dir, output_dir
 
 if TYPE_CHECKING:  # imported where used: the child must not import them uninstrumented
     from harness.fuzz.sanitize import BackgroundSanitizer
@@ -97,8 +97,8 @@ class FuzzConfig:
     libfuzzer_args: tuple[str, ...] = ()
 
     def resolved(self) -> FuzzConfig:
-        """Checked, with the seed and the corpus directory filled in; the findings and corpus
-        directories are made here (`ConfigError` when they cannot be)."""
+        """Checked, with the seed and the corpus directory filled in; `ConfigError` for a
+        findings or corpus directory that is a file or cannot be made."""
         from harness.bugs import BugSet
 
         BugSet.of(self.bugs)  # UnknownVariant names a bad variant
@@ -120,10 +120,10 @@ class FuzzConfig:
             raise ConfigError("sanitizer_every", f"must be >= 0, got {self.sanitizer_every}")
         seed = self.seed if self.seed is not None else random.SystemRandom().randrange(1, 2**31)
         # a file or an unwritable place given as a directory: one line now, not a traceback
-        # after the budget
-        findings = output_dir(self.findings_dir, "findings_dir")
-        corpus = output_dir(self.corpus_dir if self.corpus_dir is not None
-                            else findings / "corpus", "corpus_dir")
+        # after the budget (made by `fuzz`, once nothing else can refuse the run)
+        findings = check_output_dir(self.findings_dir, "findings_dir")
+        corpus = check_output_dir(self.corpus_dir if self.corpus_dir is not None
+                                  else findings / "corpus", "corpus_dir")
         return replace(self, seed=seed, findings_dir=findings, corpus_dir=corpus,
                        bugs=tuple(sorted(set(self.bugs))))
 
@@ -373,6 +373,8 @@ def fuzz(config: FuzzConfig, progress: Progress | None = None) -> FuzzReport:
         check_available(config.backend, SanitizerConfig())
     findings_dir, corpus_dir = config.findings_dir, config.corpus_dir
     run_dir = findings_dir / RUN_DIR
+    output_dir(findings_dir, "findings_dir")
+    output_dir(corpus_dir, "corpus_dir")
     output_dir(run_dir, "findings_dir")
     for stale in ("status.json", "libfuzzer.log"):
         (run_dir / stale).unlink(missing_ok=True)
