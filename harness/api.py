@@ -10,6 +10,7 @@ from harness.case import MoECase
 from harness.chain.result import RunResult
 from harness.chain.runner import chain_mode, run_case
 from harness.chain.target import Target
+from harness.memory import is_poison
 
 
 def execute(case: MoECase, target: Target | str = "cpu",
@@ -39,7 +40,7 @@ def stage_summary(result: RunResult) -> list[tuple[str, str, float]]:
         ids = result.gating_out.topk_ids
         rows.append(("gating", f"topk_ids {list(ids.shape)}", s.get("gating", 0.0)))
     if result.lora_out is not None:
-        done = int((result.lora_out.num_tokens_post_pad >= 0).sum())
+        done = int((~is_poison(result.lora_out.num_tokens_post_pad)).sum())
         rows.append(("lora_align", f"{done} adapter rows written", s.get("lora_align", 0.0)))
     if result.dispatch_out is not None:
         rc = result.dispatch_out.recv_counters

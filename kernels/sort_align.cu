@@ -36,7 +36,7 @@
 //   the merge finds no rank for it and leaves its permuted_row entry as it was (the caller's
 //   poison), and no position of sorted_token_ids names it.
 //   The encoding -2 - rank (rank < 256*K) keeps "ranked by step 1" apart from anything the
-//   entry held before: poison (0xCDCDCDCD), -1, positions >= 0.
+//   entry held before: poison (a word above 0x7FC10000), -1, positions >= 0.
 //
 // Workspace: sort_align_workspace_elems(N, E_l) int32 = E_l * ceil(N / 256) on the three-step
 // path, 0 on the single-block path.

@@ -51,7 +51,7 @@ from harness.chain.runner import run_case
 from harness.chain.sort_align import SortAlignInput, sort_align_cpu
 from harness.demo import demo_cases
 from harness.errors import BackendUnavailable, IllegalAccess
-from harness.memory import is_poison
+from harness.memory import is_poison, poison_bits
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = REPO / "kernels" / "moe_harness.h"
@@ -330,7 +330,7 @@ def test_unchecked_lora_rows_land_in_sized_redzones(lora_id):
     assert info.value.buffer == "sorted_token_ids"
     assert (info.value.index, info.value.size) == (
         (lora_id * width if lora_id > 0 else lora_id * width + width - 1), L * width)
-    assert target.ext.canary_seen == int.from_bytes(b"\xa5" * 4, "little", signed=True)
+    assert target.ext.canary_seen == poison_bits(torch.int32)  # the guard's poison word
 
 
 def test_sticky_error_marks_target_unusable(fake_target):

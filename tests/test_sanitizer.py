@@ -490,8 +490,10 @@ def test_planted_write_is_mapped_to_its_case(tmp_path):
     lora_count_and_sort in case 1's lora_align, and the replay goes on after it.
 
     With poison on: the write's offsets come from the disabled adapter's never-written cumsum
-    row, so poison (0xCDCDCDCD) sends it 3.4 GB before sorted_token_ids, outside every
-    allocation (tests/fixtures/sanitizer/disabled_memcheck.xml). Without poison the row holds
+    row, so poison (a word above 0x7FC10000 elements) sends it about 8.5 GB past
+    sorted_token_ids, outside every allocation (the fixture
+    tests/fixtures/sanitizer/disabled_memcheck.xml was recorded with the earlier poison
+    0xCDCDCDCD, 3.4 GB before it). Without poison the row holds
     whatever the allocator returns (zeros, or an earlier case's data), and the write mostly
     lands inside sorted_token_ids: memcheck then has nothing to report (measured on an H200:
     no record), and initcheck's uninitialized read is what catches the variant alone."""

@@ -12,7 +12,7 @@ from harness import geometry
 from harness.bugs import BugSet
 from harness.chain import StageContext, sort_align
 from harness.chain.sort_align import SortAlignInput, sort_align_cpu
-from harness.memory import POISON_I32
+from harness.memory import is_poison, poison_bits
 
 DUP_BREAK = BugSet.of(["sort-duplicate-break"])
 
@@ -40,7 +40,7 @@ def reference(ids: torch.Tensor, expert_map: torch.Tensor, num_local: int, block
         rows = local.view(N, K)
         for k in range(1, K):
             repeat = (rows[:, :k] == rows[:, k:k + 1]).any(1) & (rows[:, k] >= 0)
-            permuted.view(N, K)[repeat, k] = POISON_I32
+            permuted.view(N, K)[repeat, k] = poison_bits(torch.int32)  # the current word
             rows[repeat, k] = -1
     valid = local >= 0
     counts = torch.bincount(local[valid], minlength=num_local)
@@ -176,16 +176,16 @@ def test_duplicate_break_variant(N):
     if N <= geometry.SORT_SINGLE_BLOCK_MAX_ROWS:  # the single-block path has no such search
         for name in ("permuted_row", "sorted_token_ids", "expert_ids", "expert_counts"):
             assert torch.equal(getattr(fixed, name), getattr(buggy, name))
-        assert not bool((buggy.permuted_row == POISON_I32).any())
+        assert not bool(is_poison(buggy.permuted_row).any())
         return
     counts, aligned, permuted = reference(ids, expert_map, E_l, 4, drop_duplicates=True)
     assert torch.equal(buggy.permuted_row.long(), permuted)
     assert torch.equal(buggy.expert_counts.long(), counts)
     assert torch.equal(buggy.aligned_offsets.long(), aligned)
-    assert int((buggy.permuted_row == POISON_I32).sum()) == ctx.coverage[
+    assert int(is_poison(buggy.permuted_row).sum()) == ctx.coverage[
         "sort_align.duplicates_dropped"] > 0
-    assert buggy.permuted_row.view(N, 4)[0, 1] == POISON_I32
-    assert not bool((fixed.permuted_row == POISON_I32).any())
+    assert bool(is_poison(buggy.permuted_row.view(N, 4)[0, 1]))
+    assert not bool(is_poison(fixed.permuted_row).any())
 
 
 def test_duplicate_break_without_duplicates_is_fixed():

@@ -1,16 +1,17 @@
 """The `cuda` backend: the bundled kernels of `kernels/` on the GPU, instrumented.
 
 Each stage materialises its inputs on the device, allocates every output and workspace
-pre-filled with poison (the patterns of `harness.memory`) inside guard bands of a canary byte
-(redzones, both sides), validates the launches with the same `harness.geometry`
-functions as the CPU model *before* launching (`LaunchConfigError`), launches with the bug
+pre-filled with poison (the run's word of `harness.memory`'s family) inside guard bands filled
+with the same word (redzones, both sides: a stray read sees an id far out of range or a NaN),
+validates the launches with the same `harness.geometry` functions as the CPU model *before*
+launching (`LaunchConfigError`), launches with the bug
 variants as a bitmask (bit i = the i-th name of `harness.bugs.VARIANTS`), synchronises, and
 then checks:
 
 * a sticky CUDA error (an illegal address, ...) -> `IllegalAccess(stage, "<device>", -1, -1,
   "illegal-address")`; the CUDA context is gone, so the target is marked unusable and every
   later call raises `BackendUnavailable` (the process must restart);
-* a redzone whose canary changed -> `IllegalAccess(stage, buffer, index, size, "redzone")`,
+* a redzone whose bytes changed -> `IllegalAccess(stage, buffer, index, size, "redzone")`,
   index = the first overwritten element relative to the buffer (negative: before it).
 
 The device coverage counters are added to `ctx.coverage` as "cuda.<slot>". Outputs are returned
@@ -35,11 +36,11 @@ from harness.chain.lora_align import LoraAlignInput, LoraAlignOutput
 from harness.chain.sort_align import SortAlignInput, SortAlignOutput
 from harness.chain.target import Target
 from harness.errors import BackendUnavailable, ContractError, IllegalAccess, LaunchConfigError
-from harness.memory import POISON_BITS, bits_view
+from harness.memory import bits_view, current_poison, poison_bits
 
-#: guard band on each side of every device buffer, in bytes (a multiple of 256: alignment)
+#: guard band on each side of every device buffer, in bytes (a multiple of 256: alignment),
+#: filled with the run's poison word (`harness.memory`)
 REDZONE_BYTES = 256
-CANARY_BYTE = 0xA5
 #: largest guard band sized to a LoRA row range (see `CudaTarget.lora_align`)
 MAX_GUARD_BYTES = 256 << 20
 SCORING_CODES = {"softmax": 0, "sigmoid": 1}
@@ -57,8 +58,25 @@ def _round_up(n: int, to: int = 256) -> int:
     return -(-n // to) * to
 
 
+def guard_fill(raw: torch.Tensor, word: int) -> torch.Tensor:
+    """Fill `raw` (uint8, length a multiple of 4, 4-byte aligned) with the 32-bit poison word
+    `word` (little-endian), as every guard band is filled."""
+    raw.view(torch.int32).fill_(word - (1 << 32) if word >= 1 << 31 else word)
+    return raw
+
+
+def guard_bytes(word: int) -> torch.Tensor:
+    """The 4 bytes of `word` as laid out in memory (little-endian), uint8."""
+    return torch.tensor(list(word.to_bytes(4, "little")), dtype=torch.uint8)
+
+
 class _Guarded:
-    """A device buffer inside canary guard bands: `data` is the buffer the kernel sees."""
+    """A device buffer inside guard bands: `data` is the buffer the kernel sees.
+
+    The guards hold the run's poison word (`harness.memory.current_poison`): a kernel reading
+    past its buffer reads an id far out of range or a NaN, which the checks trip on; a write
+    into a guard changes its bytes, which `guard_damage` sees. The trail band ends on a 4-byte
+    boundary so the whole allocation is one 32-bit fill."""
 
     def __init__(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
                  device: torch.device, lead: int = REDZONE_BYTES,
@@ -69,26 +87,50 @@ class _Guarded:
         for s in shape:
             self.numel *= s
         self.nbytes = self.numel * self.itemsize
-        self.lead, self.trail = _round_up(lead), _round_up(trail)
-        self.raw = torch.full((self.lead + self.nbytes + self.trail,), CANARY_BYTE,
-                              dtype=torch.uint8, device=device)
+        self.lead = _round_up(lead)
+        self.trail = _round_up(trail) + (-self.nbytes) % 4
+        self.word = current_poison()
+        self.raw = guard_fill(torch.empty((self.lead + self.nbytes + self.trail,),
+                                          dtype=torch.uint8, device=device), self.word)
         self.data = self.raw[self.lead:self.lead + self.nbytes].view(dtype).view(shape)
 
     def poison(self) -> torch.Tensor:
-        bits_view(self.data).fill_(POISON_BITS[self.data.dtype])
+        bits_view(self.data).fill_(poison_bits(self.data.dtype, self.word))
         return self.data
 
+    def _signed(self) -> int:
+        return self.word - (1 << 32) if self.word >= 1 << 31 else self.word
+
+    def _trail_bad(self) -> torch.Tensor:
+        """Bool per byte of the trail band: changed from the poison word's byte there (the
+        0-3 bytes up to the next 4-byte boundary against the word's tail, then whole words)."""
+        start = self.lead + self.nbytes
+        cut = start + (-start) % 4
+        tile = guard_fill(torch.empty(4, dtype=torch.uint8, device=self.raw.device), self.word)
+        head = self.raw[start:cut] != tile[start % 4:] if cut > start else None
+        words = (self.raw[cut:].view(torch.int32) != self._signed()).repeat_interleave(4)
+        return words if head is None else torch.cat([head, words])
+
     def guard_damage(self) -> torch.Tensor:
-        """A device bool: is any canary byte of either guard band changed?"""
-        return ((self.raw[:self.lead] != CANARY_BYTE).any()
-                | (self.raw[self.lead + self.nbytes:] != CANARY_BYTE).any())
+        """A device bool: is any byte of either guard band changed?"""
+        start = self.lead + self.nbytes
+        cut = start + (-start) % 4
+        bad = (self.raw[:self.lead].view(torch.int32) != self._signed()).any() \
+            | (self.raw[cut:].view(torch.int32) != self._signed()).any()
+        if cut > start:
+            tile = guard_fill(torch.empty(4, dtype=torch.uint8, device=self.raw.device),
+                              self.word)
+            bad = bad | (self.raw[start:cut] != tile[start % 4:]).any()
+        return bad
 
     def first_damage(self) -> int:
-        """Element index (relative to `data`) of the overwritten canary nearest the buffer."""
-        lead_bad = torch.nonzero(self.raw[:self.lead] != CANARY_BYTE).flatten()
+        """Element index (relative to `data`) of the overwritten guard word nearest the
+        buffer."""
+        lead_bad = torch.nonzero(self.raw[:self.lead].view(torch.int32)
+                                 != self._signed()).flatten()
         if lead_bad.numel():
-            return (int(lead_bad[-1]) - self.lead) // self.itemsize
-        trail_bad = torch.nonzero(self.raw[self.lead + self.nbytes:] != CANARY_BYTE).flatten()
+            return (4 * int(lead_bad[-1]) + 3 - self.lead) // self.itemsize
+        trail_bad = torch.nonzero(self._trail_bad()).flatten()
         return self.numel + int(trail_bad[0]) // self.itemsize
 
 
@@ -114,7 +156,7 @@ class _Launch:
 
     def input(self, name: str, t: torch.Tensor, lead: int = REDZONE_BYTES,
               trail: int = REDZONE_BYTES) -> torch.Tensor:
-        """A device copy of `t` in redzones (an out-of-bounds read sees the canary)."""
+        """A device copy of `t` in redzones (an out-of-bounds read sees the poison word)."""
         if not self.target.checks:
             return torch.empty(t.shape, dtype=t.dtype, device=self.target.device).copy_(t)
         buf = _Guarded(name, tuple(t.shape), t.dtype, self.target.device, lead, trail)
@@ -351,7 +393,8 @@ class CudaTarget(Target):
         # With lora-id-unchecked a lora_id outside [0, max_loras) indexes the per-adapter
         # buffers at its row: their guard bands are sized to the rows the given ids reach (up
         # to MAX_GUARD_BYTES), so such a write lands in a redzone, not in another allocation,
-        # and adapter_enabled[lora_id] reads the (non-zero) canary. Fixed kernels never go there.
+        # and adapter_enabled[lora_id] reads the (non-zero) poison word. Fixed kernels never go
+        # there.
         lora_ids = inp.lora_ids.to(torch.int32).reshape(-1)
         rows_after = rows_before = 0
         if ctx.bugs.on("lora-id-unchecked") and lora_ids.numel():

@@ -6,12 +6,12 @@ every scalar its kernels bake in):
     reset the output arena -> gating -> sort_align -> experts (m-block chunks) -> finalize
     -> gather the input guards
 
-`Arena` lays out guarded buffers (as `cuda._Guarded`: canary bands on both sides, poison or
-zero data) in one byte tensor, so that a reset is one memcpy of a pristine image and bringing
-outputs, guards and coverage counters home is one copy to pinned host memory. `StaticInputs`
-are the input buffers every graph of one (E, H, dtype) reads, sized for the largest capture
-size: their rows past a batch are its padding (`pad_rows`). Policy (which cases replay, what a
-result holds) is `harness.backends.cuda_graph`'s.
+`Arena` lays out guarded buffers (as `cuda._Guarded`: bands of the poison word on both
+sides, poison or zero data) in one byte tensor, so that a reset is one memcpy of a pristine
+image and bringing outputs, guards and coverage counters home is one copy to pinned host
+memory. `StaticInputs` are the input buffers every graph of one (E, H, dtype) reads, sized
+for the largest capture size: their rows past a batch are its padding (`pad_rows`). Policy
+(which cases replay, what a result holds) is `harness.backends.cuda_graph`'s.
 """
 
 from __future__ import annotations
@@ -24,17 +24,18 @@ import torch
 
 from harness import geometry
 from harness.backends.cuda import (
-    CANARY_BYTE,
     REDZONE_BYTES,
     SCORING_CODES,
     CudaTarget,
     _round_up,
     bug_mask,
+    guard_bytes,
+    guard_fill,
 )
 from harness.bugs import BugSet
 from harness.case import GRAPH_PADDINGS, Materialized, MoECase
 from harness.errors import ConfigError
-from harness.memory import POISON_BITS, bits_view
+from harness.memory import bits_view, current_poison, poison_bits
 
 #: stage order of the captured chain; "graph" = the arena's own slots
 STAGE_ORDER = ("gating", "sort_align", "experts", "finalize", "graph")
@@ -99,8 +100,9 @@ class Slot:
 
 class Arena:
     """Buffers laid out in one byte tensor as [guard][data][guard], each data start 256-byte
-    aligned, each guard >= REDZONE_BYTES of CANARY_BYTE. `image` is the pristine state (data
-    poison or zero); `host` a (pinned) host copy of the same layout."""
+    aligned, each guard >= REDZONE_BYTES of the poison word current when it is built (varied
+    per arena, not per replay: a replay's reset is one copy of `image`). `image` is the
+    pristine state (data poison or zero); `host` a (pinned) host copy of the same layout."""
 
     def __init__(self, specs: list[tuple[str, str, tuple[int, ...], torch.dtype, str]],
                  device: torch.device) -> None:
@@ -112,11 +114,12 @@ class Arena:
             self.slots[f"{stage}.{name}"] = Slot(name, stage, tuple(shape), dtype, pos,
                                                   math.prod(shape) * itemsize, itemsize)
             pos = _round_up(pos + math.prod(shape) * itemsize) + REDZONE_BYTES
-        image = torch.full((pos,), CANARY_BYTE, dtype=torch.uint8)
+        self.word = current_poison()
+        image = guard_fill(torch.empty((pos,), dtype=torch.uint8), self.word)
         for (key, slot), spec in zip(self.slots.items(), specs, strict=True):
             data = self.view(image, key)
             if spec[4] == "poison":
-                bits_view(data).fill_(POISON_BITS[slot.dtype])
+                bits_view(data).fill_(poison_bits(slot.dtype, self.word))
             else:
                 data.zero_()
         starts = [s.offset - REDZONE_BYTES for s in self.slots.values()]
@@ -126,6 +129,8 @@ class Arena:
                                                            [*starts[1:], pos], strict=True)
             for a, b in ((start, slot.offset), (slot.offset + slot.nbytes, end))])
         self._starts = torch.tensor(starts)
+        #: what each guard byte holds untouched (the word's byte at its position)
+        self.guard_expect = guard_bytes(self.word)[self.guard_index % 4]
         self.image = image.to(device)
         self.raw = self.image.clone()
         self.host = torch.empty(pos, dtype=torch.uint8,
@@ -136,13 +141,13 @@ class Arena:
         return raw[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape)
 
     def reset(self) -> None:
-        """Poison every output, restore every canary, zero the counters (capturable)."""
+        """Poison every output, restore every guard, zero the counters (capturable)."""
         self.raw.copy_(self.image)
 
-    def damage(self, guard_bytes: torch.Tensor) -> tuple[Slot, int] | None:
+    def damage(self, got: torch.Tensor) -> tuple[Slot, int] | None:
         """The first slot (in stage order) whose guards changed, given the bytes at
         `guard_index`, and the element index nearest its data (negative: before it)."""
-        bad = self.guard_index[guard_bytes != CANARY_BYTE]
+        bad = self.guard_index[got != self.guard_expect]
         if not bad.numel():
             return None
         owner = torch.searchsorted(self._starts, bad, right=True) - 1

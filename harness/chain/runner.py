@@ -31,6 +31,7 @@ from harness.chain.sort_align import SortAlignInput
 from harness.chain.target import Target
 from harness.errors import ContractError, IllegalAccess, LaunchConfigError
 from harness.findings import Finding
+from harness.memory import vary_poison
 
 
 class _Stop(Exception):
@@ -101,7 +102,9 @@ def run_case(case: MoECase, target: Target, bugs: BugSet = FIXED) -> RunResult:
 
     The stages run in `chain_mode`; a target that runs the whole chain at once (CUDA graphs)
     runs outside it, since it keeps device buffers from run to run that it also fills outside
-    a run (an inference tensor may not be written there)."""
+    a run (an inference tensor may not be written there). The run's poison is the family's
+    word for the case's seed (`memory.vary_poison`): varied per case, the same for a replay."""
+    vary_poison(case.seed)
     whole = target.run_chain(case, bugs)
     if whole is not None:
         return whole
