@@ -31,7 +31,7 @@ experts_grouped_linear(const scalar_t* __restrict__ hidden, const float* __restr
                        int block_first, float* __restrict__ expert_out, uint32_t* coverage) {
   MOE_BLOCK_COVERAGE(cov, coverage);
   const int64_t b = static_cast<int64_t>(block_first) + blockIdx.y;
-  cov.once(COV_EXPERTS_CHUNK);  // one count per launch (chunk)
+  cov.once(COV_EXPERTS_CHUNK);  // this stage launched (chunks OR together)
 
   // A CTA exits when its first position is at or past num_tokens_post_pad; the fixed guard
   // also never runs a block whose positions or expert id lie outside the buffers.

@@ -3,25 +3,30 @@
 //
 // API
 // ---
-// Coverage (slots: CoverageSlot in moe_harness.h; `coverage` may be nullptr = off):
+// Coverage (slots: CoverageSlot in moe_harness.h; `coverage` may be nullptr = off). `coverage`
+// points to COV_WORDS uint32 flag words; bit i of a word = slot i was taken. Each thread keeps
+// its own flag word in a register; at the end the block ORs them into one word (a warp
+// reduction, one shared atomicOr per warp) and ORs that into coverage[block % COV_WORDS] with
+// ONE global atomicOr per block. The host counts, per slot, the words with its bit: how many
+// of the COV_WORDS block lanes took the branch (exact up to COV_WORDS blocks; launches of one
+// stage OR together). The counters are zeroed by the host (graph mode: inside the graph).
 //
 //   MOE_BLOCK_COVERAGE(cov, coverage);   // in a kernel body, every thread: declares the block's
-//                                        // shared counters and zeroes them (one __syncthreads
-//                                        // when coverage is on, none when off)
-//   cov.add(COV_X, n);                   // any thread, any time: slot += n (shared atomic)
-//   cov.count(COV_X, pred);              // lanes of a warp together: slot += #lanes with pred
-//                                        // (ballot + one shared atomic per warp)
-//   cov.once(COV_X);                     // slot += 1 from block (0,0,0) thread 0 only (e.g.
-//                                        // "this path was launched": counts launches)
-//   cov.flush();                         // every thread, at the very end of the kernel: one
-//                                        // __syncthreads, then one global atomicAdd per touched
-//                                        // slot of this block
+//                                        // shared word (thread 0 zeroes it; no barrier here)
+//   cov.add(COV_X, n);                   // any thread, any time: slot taken if n != 0
+//                                        // (a register OR, no atomic)
+//   cov.count(COV_X, pred);              // any thread: slot taken if pred (a register OR)
+//   cov.once(COV_X);                     // slot taken, from block (0,0,0) thread 0 only (e.g.
+//                                        // "this path was launched")
+//   cov.flush();                         // every thread, at the very end of the kernel: warp
+//                                        // OR-reduce, two __syncthreads (none for a one-warp
+//                                        // block), one global atomicOr per block
 //
 //   Every thread of the block must reach MOE_BLOCK_COVERAGE and flush() (no early `return`
 //   before flush: guard the work instead). With coverage == nullptr all of it compiles to
 //   uniform branches that skip the shared and global work (the pointer is kernel-uniform, so
 //   the conditional __syncthreads are legal). Built with -DMOE_HARNESS_NO_COVERAGE
-//   (kCoverageCompiled false), on() is constant false: no shared array, no branches.
+//   (kCoverageCompiled false), on() is constant false: no shared word, no branches.
 //
 // Dtype loads: load_float<T>(ptr, i) / to_float<T>(v) for T in {float, __half, __nv_bfloat16};
 //   host side, DTYPE_* -> element type via dispatch_dtype(dtype, [&](auto tag) {...}).
@@ -44,48 +49,52 @@ namespace moe_harness {
 class BlockCoverage {
  public:
   __device__ BlockCoverage(uint32_t* global, uint32_t* shared)
-      : global_(kCoverageCompiled ? global : nullptr), s_(shared) {
-    if (on()) {
-      const int tid = linear_tid();
-      const int nthreads = static_cast<int>(blockDim.x * blockDim.y * blockDim.z);
-      for (int i = tid; i < COV_NUM_SLOTS; i += nthreads) s_[i] = 0u;
-      __syncthreads();
-    }
+      : global_(kCoverageCompiled ? global : nullptr), s_(shared), flags_(0u) {
+    // made visible to every warp by flush()'s first barrier
+    if (on() && linear_tid() == 0) *s_ = 0u;
   }
 
   __device__ __forceinline__ bool on() const { return kCoverageCompiled && global_ != nullptr; }
 
   __device__ __forceinline__ void add(int slot, uint32_t n = 1u) {
-    if (on() && n != 0u) atomicAdd(&s_[slot], n);
+    if (on()) flags_ |= static_cast<uint32_t>(n != 0u) << slot;
   }
 
-  // Warp-aggregated count over the lanes converged at this call.
   __device__ __forceinline__ void count(int slot, bool pred) {
-    if (!on()) return;
-    const unsigned mask = __activemask();
-    const unsigned hits = __ballot_sync(mask, pred);
-    const int leader = __ffs(mask) - 1;
-    if (hits != 0u && (linear_tid() & 31) == leader) {
-      atomicAdd(&s_[slot], static_cast<uint32_t>(__popc(hits)));
-    }
+    if (on()) flags_ |= static_cast<uint32_t>(pred) << slot;
   }
 
   __device__ __forceinline__ void once(int slot) {
     if (on() && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 &&
         linear_tid() == 0) {
-      atomicAdd(&s_[slot], 1u);
+      flags_ |= 1u << slot;
     }
   }
 
   __device__ __forceinline__ void flush() {
     if (!on()) return;
-    __syncthreads();
     const int tid = linear_tid();
     const int nthreads = static_cast<int>(blockDim.x * blockDim.y * blockDim.z);
-    for (int i = tid; i < COV_NUM_SLOTS; i += nthreads) {
-      const uint32_t v = s_[i];
-      if (v != 0u) atomicAdd(&global_[i], v);
+    // the lanes converged here OR their words (a group that arrives apart ORs its own)
+    const unsigned active = __activemask();
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const uint32_t warp_flags = __reduce_or_sync(active, flags_);
+#else
+    uint32_t warp_flags = flags_;
+    for (int lane = 0; lane < 32; ++lane) {
+      if ((active >> lane) & 1u) warp_flags |= __shfl_sync(active, flags_, lane);
     }
+#endif
+    const bool leader = (tid & 31) == __ffs(active) - 1;
+    uint32_t* target = &global_[block_lane()];
+    if (nthreads <= 32) {  // one warp (uniform per block): straight to global
+      if (leader && warp_flags != 0u) atomicOr(target, warp_flags);
+      return;
+    }
+    __syncthreads();  // thread 0's zero is visible
+    if (leader && warp_flags != 0u) atomicOr(s_, warp_flags);
+    __syncthreads();
+    if (tid == 0 && *s_ != 0u) atomicOr(target, *s_);
   }
 
  private:
@@ -93,19 +102,25 @@ class BlockCoverage {
     return static_cast<int>(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z));
   }
 
+  __device__ __forceinline__ static int block_lane() {
+    return static_cast<int>((blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z)) %
+                            static_cast<unsigned>(COV_WORDS));
+  }
+
   uint32_t* global_;
   uint32_t* s_;
+  uint32_t flags_;
 };
 
-// Declares `name`, a BlockCoverage over a fresh __shared__ counter array, in a kernel body
-// (no array, and a coverage that is always off, in a MOE_HARNESS_NO_COVERAGE build).
+// Declares `name`, a BlockCoverage over a fresh __shared__ flag word, in a kernel body (no
+// shared word, and a coverage that is always off, in a MOE_HARNESS_NO_COVERAGE build).
 #ifdef MOE_HARNESS_NO_COVERAGE
 #define MOE_BLOCK_COVERAGE(name, coverage_ptr) \
   ::moe_harness::BlockCoverage name((coverage_ptr), nullptr)
 #else
-#define MOE_BLOCK_COVERAGE(name, coverage_ptr)                          \
-  __shared__ uint32_t name##_slots_[::moe_harness::COV_NUM_SLOTS];      \
-  ::moe_harness::BlockCoverage name((coverage_ptr), name##_slots_)
+#define MOE_BLOCK_COVERAGE(name, coverage_ptr)  \
+  __shared__ uint32_t name##_word_;              \
+  ::moe_harness::BlockCoverage name((coverage_ptr), &name##_word_)
 #endif
 
 // ---- dtype loads ---------------------------------------------------------------------------

@@ -6,7 +6,8 @@
 // (cudaGetLastError after the launch; no synchronisation). Grid sizes that the Python side
 // computes (harness/chain/geometry.py, shared with the CPU model) are passed in explicitly.
 // `bugs` is a bitmask of BugBit: one build serves every variant. `coverage` points to
-// COV_NUM_SLOTS uint32 counters in global memory (may be nullptr: instrumentation off).
+// COV_WORDS uint32 flag words in global memory, zeroed by the caller (may be nullptr:
+// instrumentation off): block b ORs the bits of the slots it took into word b % COV_WORDS.
 // No PyTorch headers here or in the kernels: the binding (binding.cpp) is the only C++ that
 // knows torch.
 #pragma once
@@ -65,6 +66,10 @@ enum CoverageSlot : int {
 #undef MOE_COV_ENUM
   COV_NUM_SLOTS
 };
+static_assert(COV_NUM_SLOTS <= 32, "one bit per coverage slot in a 32-bit flag word");
+
+// Flag words of the coverage buffer: block lanes (block index mod COV_WORDS).
+constexpr int COV_WORDS = 32;
 
 // ---- launchers ---------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ variant's trigger, the redzone self-test, grid-y-overflow at 400,000 tokens, the
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -25,7 +26,14 @@ import torch
 from harness.api import execute
 from harness.backends import cuda_build, resolve_target
 from harness.backends.cpu import CpuTarget
-from harness.backends.cuda import CudaTarget, _Guarded, _Launch, bug_mask
+from harness.backends.cuda import (
+    COVERAGE_WORDS,
+    CudaTarget,
+    _Guarded,
+    _Launch,
+    bug_mask,
+    coverage_counts,
+)
 from harness.bugs import VARIANTS, BugSet
 from harness.case import (
     DISTRIBUTIONS,
@@ -34,6 +42,7 @@ from harness.case import (
     Fault,
     Generated,
     MoECase,
+    Overrides,
     Patch,
 )
 from harness.chain import StageContext
@@ -160,8 +169,8 @@ class FakeExtension:
                                      renormalize), _ctx(bugs))
         ids.copy_(out.topk_ids)
         weights.copy_(out.topk_weights)
-        if coverage is not None:
-            coverage[header_slot_names().index("GATING_WARP_PATH")] += 1
+        if coverage is not None:  # block 0's flag word: bit = slot
+            coverage[0] |= 1 << header_slot_names().index("GATING_WARP_PATH")
 
     def a2a_sanitize(self, ids, counters, bugs, coverage):
         if bugs & bug_mask(BugSet.of(["a2a-unsanitized-padding"])):
@@ -331,6 +340,16 @@ def test_unchecked_lora_rows_land_in_sized_redzones(lora_id):
     assert (info.value.index, info.value.size) == (
         (lora_id * width if lora_id > 0 else lora_id * width + width - 1), L * width)
     assert target.ext.canary_seen == poison_bits(torch.int32)  # the guard's poison word
+
+
+def test_coverage_counts_are_block_lanes_per_slot():
+    words = torch.zeros(COVERAGE_WORDS, dtype=torch.int32)
+    words[0] = 0b101
+    words[7] = 0b100
+    words[31] = -2**31  # bit 31 (the word is uint32 on the device)
+    counts = coverage_counts(words, 32)
+    assert counts[0] == 1 and counts[1] == 0 and counts[2] == 2 and counts[31] == 1
+    assert sum(counts) == 4
 
 
 def test_sticky_error_marks_target_unusable(fake_target):
@@ -588,7 +607,7 @@ def test_grid_y_overflow_at_400k_tokens(cuda_target):
     good = execute(case, cuda_target)
     assert good.findings == [] and good.completed
     assert good.ranks[0].experts_out.num_launches == 2
-    assert good.coverage["cuda.experts_chunk"] == 2
+    assert good.coverage["cuda.experts_chunk"] == 1  # flags: the two launches OR together
 
 
 @gpu
@@ -660,3 +679,17 @@ def test_processes_loading_at_once_build_once(tmp_path):
     assert all(p.returncode == 0 for p in procs), errors
     assert len((tmp_path / "builds").read_text().split()) == 1
     assert len(list(tmp_path.glob("loaded-*"))) == 4
+
+
+@gpu
+def test_device_coverage_is_one_flag_word_per_block(cuda_target):
+    """A many-block launch: each slot counts at most COVERAGE_WORDS lanes; a path flag set
+    once per launch counts 1."""
+    logits = torch.randn((4096, 64), generator=torch.Generator().manual_seed(2))
+    logits[::2] = math.nan  # NaN rows in every block: the clamp is taken everywhere
+    case = MoECase(4096, 64, 8, seed=2, overrides=Overrides(gating_logits=logits))
+    res = execute(case, cuda_target)
+    cuda = {k: v for k, v in res.coverage.items() if k.startswith("cuda.")}
+    assert cuda["cuda.gating_warp_path"] == 1
+    assert 1 < cuda["cuda.gating_clamp_hit"] <= COVERAGE_WORDS
+    assert all(0 <= v <= COVERAGE_WORDS for v in cuda.values())

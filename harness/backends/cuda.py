@@ -14,9 +14,10 @@ then checks:
 * a redzone whose bytes changed -> `IllegalAccess(stage, buffer, index, size, "redzone")`,
   index = the first overwritten element relative to the buffer (negative: before it).
 
-The device coverage counters are added to `ctx.coverage` as "cuda.<slot>". Outputs are returned
-on the CPU, as the CPU model returns them. Dispatch routing and combine are data movement done
-with torch ops on the device (the sanitize kernel follows the routing).
+The device coverage (one flag bit per slot per block, ORed into COVERAGE_WORDS words) is added
+to `ctx.coverage` as "cuda.<slot>": the number of block lanes that took the branch. Outputs are
+returned on the CPU, as the CPU model returns them. Dispatch routing and combine are data
+movement done with torch ops on the device (the sanitize kernel follows the routing).
 """
 
 from __future__ import annotations
@@ -47,6 +48,19 @@ SCORING_CODES = {"softmax": 0, "sigmoid": 1}
 #: substrings of CUDA errors after which the context cannot be used again
 _STICKY = ("illegal memory access", "illegal address", "misaligned address",
            "illegal instruction", "unspecified launch failure", "device-side assert")
+
+
+#: flag words of a device coverage buffer (kernels/moe_harness.h COV_WORDS): block b ORs the
+#: bits of the slots it took into word b % COVERAGE_WORDS, one atomicOr per block
+COVERAGE_WORDS = 32
+
+
+def coverage_counts(words: torch.Tensor, num_slots: int) -> list[int]:
+    """Per coverage slot, how many flag words hold its bit: the number of block lanes (blocks
+    mod COVERAGE_WORDS) that took the branch, 0..COVERAGE_WORDS (`words`: the int32 buffer, on
+    the host)."""
+    w = words.long() & 0xFFFFFFFF
+    return ((w[:, None] >> torch.arange(num_slots)) & 1).sum(0).tolist()
 
 
 def bug_mask(bugs: BugSet) -> int:
@@ -142,7 +156,7 @@ class _Launch:
         self.target, self.stage, self.ctx = target, stage, ctx
         self.buffers: list[_Guarded] = []
         self.bugs = bug_mask(ctx.bugs)
-        self.coverage = (torch.zeros(len(target.slot_names), dtype=torch.int32,
+        self.coverage = (torch.zeros(target.coverage_words, dtype=torch.int32,
                                      device=target.device) if target.coverage else None)
 
     def output(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
@@ -172,8 +186,8 @@ class _Launch:
             self.target.fail(self.stage, exc)
         self._check_redzones()
         if self.coverage is not None:
-            counts = self.coverage.cpu().long() & 0xFFFFFFFF
-            for name, n in zip(self.target.slot_names, counts.tolist(), strict=True):
+            counts = coverage_counts(self.coverage.cpu(), len(self.target.slot_names))
+            for name, n in zip(self.target.slot_names, counts, strict=True):
                 self.ctx.cover(name, n)
 
     def _check_redzones(self) -> None:
@@ -208,6 +222,7 @@ class CudaTarget(Target):
         #: redzones and poison (False: plain allocations, so compute-sanitizer alone checks)
         self.checks = checks
         self.slot_names = [f"cuda.{n.lower()}" for n in self.ext.coverage_slot_names()]
+        self.coverage_words = int(getattr(self.ext, "coverage_words", COVERAGE_WORDS))
         self.limits = geometry.DeviceLimits()
         if self.device.type == "cuda":
             props = torch.cuda.get_device_properties(self.device)

@@ -222,7 +222,7 @@ class ChainGraph:
             ("workspace", (int(target.ext.sort_align_workspace_elems(S, E)),)))]
         specs += [("expert_out", "experts", (P, H), f32, "poison"),
                   ("out", "finalize", (S, H), f32, "poison"),
-                  ("coverage", "graph", (len(target.slot_names),), i32, "zero"),
+                  ("coverage", "graph", (target.coverage_words,), i32, "zero"),
                   ("input_guards", "graph", (inputs.guard_index.numel(),), torch.uint8, "zero")]
         self.arena = Arena(specs, target.device)
         self.out = {k: self.arena.view(self.arena.raw, k) for k in self.arena.slots}

@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from harness import geometry
-from harness.backends.cuda import CudaTarget
+from harness.backends.cuda import CudaTarget, coverage_counts
 from harness.backends.cuda_capture import STAGE_ORDER, ChainGraph, GraphKey, StaticInputs
 from harness.bugs import FIXED, BugSet
 from harness.case import GRAPH_PADDINGS, Materialized, MoECase, Overrides, materialize
@@ -226,8 +226,8 @@ class GraphTarget(CudaTarget):
         """Stage inputs and outputs from the host copy of the arena, as the runner keeps them;
         a damaged redzone ends the run at the stage that owns the buffer."""
         k, h, t = graph.key, graph.host, res.tensors
-        counts = h("graph.coverage").long() & 0xFFFFFFFF
-        for name, n in zip(self.slot_names, counts.tolist(), strict=True):
+        counts = coverage_counts(h("graph.coverage"), len(self.slot_names))
+        for name, n in zip(self.slot_names, counts, strict=True):
             ctx.cover(name, n)
         damage = graph.damage()
         reached = STAGE_ORDER.index(damage[0].stage) if damage else len(STAGE_ORDER)
