@@ -61,17 +61,20 @@ class LoraAlignOutput:
     num_tokens_post_pad: torch.Tensor
 
 
-def lora_align_cpu(inp: LoraAlignInput, ctx: StageContext) -> LoraAlignOutput:
+def lora_align_cpu(inp: LoraAlignInput, ctx: StageContext, cases: int = 1) -> LoraAlignOutput:
     """CPU model of the two LoRA align kernels, one block per processed slot.
 
     Each kernel is modelled over all of its processed slots at once (blocks of one launch run
     concurrently); the slot decisions are taken per slot, as each block takes its own.
+    `cases` > 1: the input stacks that many same-shape cases sharing their LoRA slots
+    (`harness.chain.stacked`: ids of case c offset by c * E / cases), each adapter's row
+    laying the cases out one after another; the launches are validated per case.
     """
     T, K = inp.topk_ids.shape
     E, bs, L = inp.num_experts, inp.block_size, inp.max_loras
     unchecked = ctx.bugs.on("lora-id-unchecked")
     launches = geometry.validate(geometry.lora_launches(
-        L, E, off_by_one=ctx.bugs.on("lora-grid-off-by-one")))
+        L, E // cases, off_by_one=ctx.bugs.on("lora-grid-off-by-one")))
     grid = launches[0].grid[0]
     width = geometry.max_num_tokens_padded(T, K, E, bs)
     blocks = geometry.max_num_m_blocks(T, K, E, bs)

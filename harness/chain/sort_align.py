@@ -162,13 +162,20 @@ def _three_step(local: torch.Tensor, totals: torch.Tensor, bs: int, K: int,
     return counts, expert_offsets, aligned_offsets, x, position, skipped, n_dup
 
 
-def sort_align_cpu(inp: SortAlignInput, ctx: StageContext) -> SortAlignOutput:
-    """Counts, scans and scatters the (row, slot) pairs by local expert, block-aligned."""
+def sort_align_cpu(inp: SortAlignInput, ctx: StageContext, cases: int = 1) -> SortAlignOutput:
+    """Counts, scans and scatters the (row, slot) pairs by local expert, block-aligned.
+
+    `cases` > 1: the input stacks that many same-shape cases (`harness.chain.stacked`): case
+    c's rows are the c-th N / cases and its experts the c-th E_l / cases (ids offset by c *
+    E_l / cases). Launches are validated and the path chosen per case; the stable counting
+    sort over the offset experts lays the cases out one after another, each exactly as its own
+    run would (positions offset by the earlier cases' aligned totals). The duplicate-dropping
+    three-step model is per case only (`ValueError` if a stack would need it)."""
     N, K = inp.topk_ids.shape
     E_l, bs = inp.num_local_experts, inp.block_size
     NK = N * K
     if E_l > 0:
-        geometry.validate(geometry.sort_launches(N, E_l))
+        geometry.validate(geometry.sort_launches(N // cases, E_l // cases))
     else:  # a rank owning no experts launches nothing; every pair is skipped
         ctx.cover("sort_align.no_local_experts")
     local = _local_ids(inp)
@@ -176,16 +183,19 @@ def sort_align_cpu(inp: SortAlignInput, ctx: StageContext) -> SortAlignOutput:
     n_skipped = int(totals[E_l])
     if n_skipped:
         _cover_skips(inp, ctx, n_skipped)
-    if geometry.sort_uses_three_step(N):
-        ctx.cover("sort_align.path.three_step")
-        ctx.cover("sort_align.blocks", -(-N // geometry.SORT_THREADS))
+    if geometry.sort_uses_three_step(N // cases):
+        ctx.cover("sort_align.path.three_step", cases)
+        ctx.cover("sort_align.blocks", cases * -(-(N // cases) // geometry.SORT_THREADS))
         # the three-step result is the single block's unless duplicates are dropped (see
         # _three_step): that one cheaper sort decides, and finds the duplicates
         result = _single_block(local, totals, bs, K)
         if result[-1] and ctx.bugs.on("sort-duplicate-break"):
+            if cases > 1:
+                raise ValueError("a stack of cases cannot model sort-duplicate-break's "
+                                 "three-step blocks: run its cases one by one")
             result = _three_step(local, totals, bs, K, True, ctx)
     else:
-        ctx.cover("sort_align.path.single_block")
+        ctx.cover("sort_align.path.single_block", cases)
         result = _single_block(local, totals, bs, K)
     counts, expert_offsets, aligned_offsets, x, position, skipped, n_dup = result
     ctx.cover("sort_align.duplicates", n_dup)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -139,19 +139,32 @@ _ANOMALIES = ("nonfinite_rows", "dup_rows", "bad_ids", "padding_slots", "counter
 
 def named_features(result: object) -> list[tuple[str, object]]:
     """The run's features as (name, value) pairs (see the module docstring)."""
-    case: MoECase = result.case
+    return union_features(result.case, [_data_features(result)],
+                          getattr(result, "coverage", {}), getattr(result, "rejected", None),
+                          getattr(result, "findings", ()))
+
+
+def union_features(case: MoECase, counts: list[dict[str, int]], coverage: Mapping[str, int],
+                   rejected: object = None, findings: Iterable = ()) -> list[tuple[str, object]]:
+    """The features of runs of `case`'s shape whose data counts (as `_data_features` makes
+    them) are `counts`, one dict per run: the union of each run's data features (a batch of
+    same-shape cases, `harness.fuzz.batch`), with one coverage counter, rejection and set of
+    findings for them all."""
     out = _size_features(case)
-    counts = _data_features(result)
-    out += [(f"data.{name}", bucket(n)) for name, n in counts.items()]
     paths = [p for p in out if p[0] in ("path.gating", "path.sort", "path.ep", "path.lora")]
+    seen: set[tuple[str, object]] = set()
+    anomalies: set[str] = set()
+    for one in counts:
+        seen.update((f"data.{name}", bucket(n)) for name, n in one.items())
+        anomalies.update(name for name in _ANOMALIES if one.get(name, 0) > 0)
+    out += sorted(seen, key=str)
     for name in _ANOMALIES:
-        if counts.get(name, 0) > 0:
+        if name in anomalies:
             out += [(f"{p}={v}&{name}", 1) for p, v in paths]
-    out += [(f"cov.{name}", bucket(n)) for name, n in getattr(result, "coverage", {}).items()]
-    rejected = getattr(result, "rejected", None)
+    out += [(f"cov.{name}", bucket(n)) for name, n in coverage.items()]
     if rejected is not None:
         out.append(("rejected", getattr(rejected, "stage", "?")))
-    out += [("finding", f.signature) for f in getattr(result, "findings", ())]
+    out += [("finding", f.signature) for f in findings]
     return out
 
 

@@ -41,14 +41,19 @@ FeatureFn = Callable[[object], list[int]]
 @dataclass
 class Outcome:
     """What one execution produced: findings (one per signature), coverage feature ids,
-    whether a stage rejected the input as out of contract, whether the case was invalid, and
-    whether the worker had to be restarted after it."""
+    whether a stage rejected the input as out of contract, whether the case was invalid,
+    whether the worker had to be restarted after it, and for a batch the case of each
+    finding and the number of cases checked."""
 
     findings: list[Finding] = field(default_factory=list)
     features: list[int] = field(default_factory=list)
     rejected: bool = False
     invalid: bool = False
     restarted: bool = False
+    #: a batch (`harness.fuzz.batch`): the case of each finding (parallel to `findings`;
+    #: empty: the input's own case) and how many checked cases the input ran
+    cases: list[MoECase] = field(default_factory=list)
+    cases_run: int = 1
 
     def to_json(self) -> dict:
         return {"findings": [f.to_json() for f in self.findings], "features": self.features,
