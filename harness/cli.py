@@ -334,6 +334,9 @@ def fuzz(backend: BackendOpt = "cpu", bug: BugOpt = None,
              "--sanitizer-every", metavar="N", help="replay every Nth new corpus entry and "
              "every finding under compute-sanitizer memcheck, in a separate process while the "
              "fuzzer runs; a memcheck error on a corpus entry is a finding (0: off)")] = 0,
+         batch: Annotated[int, typer.Option(
+             "--batch", metavar="B", help="cpu: check each input with B - 1 siblings as one "
+             "stacked run (1: one case per input)")] = 1,
          as_json: JsonOpt = False) -> None:
     """Coverage-guided fuzzing of the chain (atheris): findings deduplicated by signature,
     each saved with its minimised form; exit 1 if there is a finding."""
@@ -349,7 +352,7 @@ def fuzz(backend: BackendOpt = "cpu", bug: BugOpt = None,
                         corpus_dir=corpus_dir, findings_dir=findings, seed=seed,
                         stop_on_first=stop_on_first, moe_mutators=moe_mutators, graph=graph,
                         device_coverage=device_coverage, minimize=minimize,
-                        sanitizer_every=sanitizer_every).resolved()
+                        sanitizer_every=sanitizer_every, batch=batch).resolved()
     say = (lambda line: None) if as_json else out.text
     say(f"fuzzing {backend} ({', '.join(config.bugs) or 'fixed chain'}), seed "
         f"{config.seed}, corpus {config.corpus_dir}, findings {config.findings_dir}")

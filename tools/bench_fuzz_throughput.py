@@ -1,7 +1,7 @@
 """Fuzz throughput: where one fuzz execution's time goes, and checked cases per second.
 
     python tools/bench_fuzz_throughput.py [--backend cpu|cuda] [--cases 300] [--max-tokens 64]
-        [--seed 1] [--no-atheris] [--no-worker] [--json OUT]
+        [--seed 1] [--batch 16] [--no-atheris] [--no-worker] [--json OUT]
 
 A pool of `--cases` fuzz inputs is made the way a campaign makes them: the repository seeds
 (`corpus/seeds`) mutated by `harness.fuzz.mutators.mutate`, stacked, keeping the inputs whose
@@ -24,7 +24,10 @@ Then the end-to-end rate: mutate + run_input over the pool, in-process (cpu) or 
 worker (cuda, or cpu with the worker), and, unless `--no-atheris`, the same loop inside
 `atheris.Fuzz` in a subprocess with atheris' Python instrumentation of the harness on and off
 (the fuzz child's `python_coverage`). The table gives ms per execution and the share of the
-sum. Numbers depend on the machine's load: run on a quiet machine, and say when it was not.
+sum. With `--batch B` > 1 (cpu), the same pool through `harness.fuzz.batch.BatchExecutor`
+(checked cases per second: each input's case and its B - 1 siblings; inputs outside the
+stack's domain run alone), in-process and inside atheris, and the share of inputs stacked.
+Numbers depend on the machine's load: run on a quiet machine, and say when it was not.
 """
 
 from __future__ import annotations
@@ -167,7 +170,8 @@ def breakdown(pool: list[bytes], target, limits,
 
 
 def end_to_end(pool: list[bytes], executor, limits, rounds: int = 1) -> float:
-    """Executions per second of mutate + run_input over the pool."""
+    """Checked cases per second of mutate + run_input over the pool (a batch counts its
+    cases)."""
     from harness.fuzz import mutators
 
     mconfig = mutators.MutatorConfig(limits=limits)
@@ -178,9 +182,19 @@ def end_to_end(pool: list[bytes], executor, limits, rounds: int = 1) -> float:
     for _ in range(rounds):
         for i, data in enumerate(pool):
             mutators.mutate(data, 4096, i, mconfig)
-            executor.run_input(data, limits)
-            n += 1
+            n += executor.run_input(data, limits)[1].cases_run
     return n / (time.perf_counter() - start)
+
+
+def make_executor(backend: str, batch: int):
+    """The fuzz child's executor: batched (cpu, batch > 1) or one case per input."""
+    from harness.fuzz import worker
+
+    if batch > 1:
+        from harness.fuzz.batch import BatchConfig, BatchExecutor
+
+        return BatchExecutor(worker.make_target(backend), config=BatchConfig(size=batch))
+    return worker.make_executor(backend)
 
 
 def _atheris_child(args: argparse.Namespace) -> None:
@@ -198,26 +212,26 @@ def _atheris_child(args: argparse.Namespace) -> None:
             import harness.fuzz.worker
             import harness.invariants
             import harness.oracle  # noqa: F401
-    from harness.fuzz import mutators, worker
+    from harness.fuzz import mutators
 
     limits = codec_limits(args.backend)
     pool = [base64.b64decode(x) for x in json.loads(Path(args.pool).read_text())]
-    executor = worker.make_executor(args.backend)
+    executor = make_executor(args.backend, args.batch)
     executor.start()
     mconfig = mutators.MutatorConfig(limits=limits)
-    state = {"i": 0, "start": None}
+    state = {"i": 0, "start": None, "cases": 0}
     total = 2 * len(pool)  # the first pass warms up (shapes, caches), the second is timed
 
     def one(_: bytes) -> None:
         i = state["i"]
         if i == len(pool):
-            state["start"] = time.perf_counter()
+            state["start"], state["cases"] = time.perf_counter(), 0
         data = pool[i % len(pool)]
         mutators.mutate(data, 4096, i, mconfig)
-        executor.run_input(data, limits)
+        state["cases"] += executor.run_input(data, limits)[1].cases_run
         state["i"] = i + 1
         if state["i"] == total:
-            rate = len(pool) / (time.perf_counter() - state["start"])
+            rate = state["cases"] / (time.perf_counter() - state["start"])
             Path(args.out).write_text(json.dumps({"rate": rate}))
             executor.close()
             os._exit(0)
@@ -226,7 +240,8 @@ def _atheris_child(args: argparse.Namespace) -> None:
     atheris.Fuzz()
 
 
-def atheris_rates(pool: list[bytes], backend: str, repeats: int = 2) -> dict[str, float]:
+def atheris_rates(pool: list[bytes], backend: str, repeats: int = 2,
+                  batch: int = 1) -> dict[str, float]:
     """{"on": rate, "off": rate}: the loop inside atheris.Fuzz with and without atheris'
     instrumentation of the harness (each in a fresh process, best of `repeats`)."""
     out: dict[str, float] = {}
@@ -237,7 +252,7 @@ def atheris_rates(pool: list[bytes], backend: str, repeats: int = 2) -> dict[str
             result = Path(tmp) / f"{mode}.json"      # machine only ever slows a run down
             proc = subprocess.run(
                 [sys.executable, __file__, "--backend", backend, "--atheris-child", mode,
-                 "--pool", str(pool_file), "--out", str(result)],
+                 "--pool", str(pool_file), "--out", str(result), "--batch", str(batch)],
                 capture_output=True, text=True, cwd=ROOT,
                 env={**os.environ, "PYTHONPATH": str(ROOT)})
             if not result.exists():
@@ -262,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", type=int, default=300)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="cases per input (cpu: batched)")
     p.add_argument("--no-atheris", action="store_true")
     p.add_argument("--no-worker", action="store_true")
     p.add_argument("--json", type=Path)
@@ -298,6 +314,15 @@ def main(argv: list[str] | None = None) -> int:
         ath = atheris_rates(pool, args.backend)
         rates["atheris, python_coverage off"] = ath["off"]
         rates["atheris, python_coverage on"] = ath["on"]
+    if args.batch > 1:
+        batched = make_executor(args.backend, args.batch)
+        rates[f"batched B={args.batch}, in-process"] = end_to_end(pool, batched, limits)
+        report["stacked_share"] = batched.batches / max(1, batched.batches + batched.alone)
+        report["check_mismatches"] = batched.mismatches
+        if not args.no_atheris:
+            ath = atheris_rates(pool, args.backend, batch=args.batch)
+            rates[f"batched B={args.batch}, atheris, coverage off"] = ath["off"]
+            rates[f"batched B={args.batch}, atheris, coverage on"] = ath["on"]
     report.update(parts_ms={k: v * 1e3 for k, v in parts.items()}, rates=rates,
                   stages_ms={k: v * 1e3 / len(pool) for k, v in stages.items()})
 
@@ -309,7 +334,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{k} {v * 1e3 / len(pool):.3f}" for k, v in sorted(stages.items(), key=lambda kv: -kv[1])))
     print("\nend to end (mutate + run_input), cases/s:")
     for name, rate in rates.items():
-        print(f"  {name:<32}{rate:>8.1f}")
+        print(f"  {name:<44}{rate:>8.1f}")
+    if args.batch > 1:
+        print(f"  inputs stacked: {report['stacked_share']:.0%} (the rest run alone); "
+              f"check mismatches: {report['check_mismatches']}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0

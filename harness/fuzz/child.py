@@ -46,6 +46,12 @@ class _Child:
         self._make_executor = lambda: worker.make_executor(
             config.backend, config.bugs, device_coverage=config.device_coverage,
             graph=config.graph, timeout=config.hang_timeout, features=features.features)
+        if config.batch > 1:
+            from harness.fuzz import batch
+
+            self._make_executor = lambda: batch.BatchExecutor(
+                worker.make_target(config.backend), config.bugs,
+                batch.BatchConfig(size=config.batch, seed=config.seed or 0))
         self.executor = None
         self.store = FindingStore(config.findings_dir, config.backend, config.bugs, config.seed)
         self.new: list[StoredFinding] = []
@@ -92,6 +98,7 @@ class _Child:
         except Exception:  # the decoder is total by contract: count a breach, go on
             self.decode_errors += 1
             return
+        self.executions += outcome.cases_run - 1  # a batch: every case checked counts
         if outcome.invalid:
             self.invalid += 1
         counters, trace = self.counters, self.trace
@@ -99,9 +106,10 @@ class _Child:
             trace(counters[f % FEATURE_COUNTERS])
         self.semantic.update(outcome.features)
         found = False
-        for finding in outcome.findings:
+        for i, finding in enumerate(outcome.findings):
+            shown_by = outcome.cases[i] if outcome.cases else case  # a batch's own case
             try:
-                stored = self.store.record(case, finding, self.elapsed(), self.executions)
+                stored = self.store.record(shown_by, finding, self.elapsed(), self.executions)
             except (HarnessError, OSError) as exc:  # a finding that cannot be kept: say so
                 self.finish("error", f"cannot save the finding {finding.signature}: {exc}")
             if stored is not None:

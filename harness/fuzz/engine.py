@@ -95,6 +95,9 @@ class FuzzConfig:
     minimize_seconds: float = 30.0
     hang_timeout: float = 10.0
     libfuzzer_args: tuple[str, ...] = ()
+    #: cases per fuzz input (`harness.fuzz.batch`, cpu backend): the input's case and
+    #: batch - 1 siblings checked as one stack; 1: one case per input
+    batch: int = 1
 
     def resolved(self) -> FuzzConfig:
         """Checked, with the seed and the corpus directory filled in; `ConfigError` for a
@@ -115,6 +118,11 @@ class FuzzConfig:
             raise ConfigError("max_len", f"must be >= 1, got {self.max_len}")
         if self.graph and self.backend != "cuda":
             raise ConfigError("graph", f"CUDA-graph mode needs the cuda backend, not "
+                                       f"'{self.backend}'")
+        if self.batch < 1:
+            raise ConfigError("batch", f"must be >= 1, got {self.batch}")
+        if self.batch > 1 and self.backend != "cpu":
+            raise ConfigError("batch", f"batched execution runs on the cpu backend, not "
                                        f"'{self.backend}'")
         if self.sanitizer_every < 0:
             raise ConfigError("sanitizer_every", f"must be >= 0, got {self.sanitizer_every}")
