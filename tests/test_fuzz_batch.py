@@ -119,3 +119,30 @@ def test_batch_size_follows_tokens_and_budget():
     assert ex.batch_size(MoECase(16, 8, 2)) == 16
     assert ex.batch_size(MoECase(256, 8, 2)) == 4
     assert ex.batch_size(MoECase(4096, 8, 2)) == 1
+
+
+def test_batched_fuzz_finds_a_variant_and_stores_the_case_that_shows_it(tmp_path):
+    """The real search from an empty corpus with --batch 16: each stored reproducer shows its
+    finding alone."""
+    from harness import corpus
+    from harness.bugs import VARIANTS
+    from harness.fuzz.engine import FuzzConfig, fuzz
+
+    bug = "topk-nan-argmax"
+    report = fuzz(FuzzConfig(bugs=(bug,), seconds=None, runs=4000, seed=2, batch=16,
+                             stop_on_first=True, minimize=False,
+                             findings_dir=tmp_path / "findings"))
+    assert report.findings and report.status.reason == "first finding"
+    for f in report.findings:
+        assert f.signature in VARIANTS[bug].signatures
+        case, _ = corpus.load(f.path)
+        assert f.signature in {x.signature for x in execute(case, CpuTarget(),
+                                                           (bug,)).findings}
+
+
+def test_batched_fuzz_of_the_fixed_chain_is_clean(tmp_path):
+    from harness.fuzz.engine import FuzzConfig, fuzz
+
+    report = fuzz(FuzzConfig(seconds=None, runs=600, seed=3, batch=16, minimize=False,
+                             findings_dir=tmp_path / "findings"))
+    assert report.findings == [] and report.status.executions >= 600

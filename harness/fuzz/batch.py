@@ -36,6 +36,7 @@ from harness.chain import stacked
 from harness.chain.target import Target
 from harness.findings import Finding
 from harness.fuzz.worker import Executor, Outcome, run_one
+from harness.invariants.verdicts import Verdicts, stack_verdicts
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,8 @@ class BatchExecutor(Executor):
         except Exception as exc:  # a defect the stack hit: the cases alone say what it is
             return self._reduce(case, varied, None, f"{type(exc).__name__}: {exc}")
         if result.findings:
-            outcome = self._reduce(case, varied, result.findings)
+            verdicts = stack_verdicts(result, batch)
+            outcome = self._reduce(case, varied, result.findings, verdicts=verdicts)
             outcome.features = sorted(set(outcome.features) | set(feats))
             return outcome
         outcome = Outcome([], feats, rejected=result.rejected is not None)
@@ -222,19 +224,26 @@ class BatchExecutor(Executor):
         return one, run_one(one, self.target, self.bugs)
 
     def _reduce(self, case: MoECase, varied: torch.Tensor, findings: list[Finding] | None,
-                failure: str = "") -> Outcome:
+                failure: str = "", verdicts: Verdicts | None = None) -> Outcome:
         """Each new signature of the stack's `findings` reduced to the first case that shows
-        it alone. None: the stack failed (`failure`): every case runs alone, and unless one
-        fails the same way alone (an "internal" finding) the failure is a mismatch."""
+        it alone, the cases its verdict bits flag (`verdicts`) tried first. None: the stack
+        failed (`failure`): every case runs alone, and unless one fails the same way alone
+        (an "internal" finding) the failure is a mismatch. A flagged case that does not show
+        the flagged check alone is a mismatch too."""
         batch = varied.shape[0]
         wanted = None if findings is None else \
             [f.signature for f in findings if f.signature not in self.reduced]
+        flagged = {} if verdicts is None or wanted is None else \
+            {sig: cases for sig, cases in verdicts.failing().items() if sig in wanted}
+        order = list(dict.fromkeys([b for cases in flagged.values() for b in cases]
+                                   + list(range(batch))))
         out = Outcome(cases_run=batch)
-        out.features = []
-        for b in range(batch):
+        shown: dict[int, set[str]] = {}
+        for b in order:
             if wanted is not None and not wanted:
                 break
             one, alone = self._single(case, varied, b)
+            shown[b] = {f.signature for f in alone.findings}
             out.features = sorted(set(out.features) | set(alone.features))
             for f in alone.findings:
                 if f.signature in self.reduced or (wanted is not None and
@@ -248,6 +257,11 @@ class BatchExecutor(Executor):
         for sig in wanted or ():
             self._mismatch(out, case, f"the stack of {batch} cases found {sig}, which no "
                            "case shows alone", sig)
+        for sig, cases in flagged.items():
+            wrong = [b for b in cases if b in shown and sig not in shown[b]]
+            if wrong:
+                self._mismatch(out, case, f"the verdict bit of {sig} flagged case(s) {wrong} "
+                               "of the stack; alone they do not show it", sig)
         if findings is None and not any(f.stage == "internal" for f in out.findings):
             self._mismatch(out, case, f"the stack of {batch} cases failed ({failure}); no "
                            "case fails alone", "internal")
