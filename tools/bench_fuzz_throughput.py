@@ -188,12 +188,13 @@ def end_to_end(pool: list[bytes], executor, limits, rounds: int = 1) -> float:
 
 def make_executor(backend: str, batch: int):
     """The fuzz child's executor: batched (cpu, batch > 1) or one case per input."""
+    from harness.backends import resolve_target
     from harness.fuzz import worker
 
     if batch > 1:
         from harness.fuzz.batch import BatchConfig, BatchExecutor
 
-        return BatchExecutor(worker.make_target(backend), config=BatchConfig(size=batch))
+        return BatchExecutor(resolve_target(backend), config=BatchConfig(size=batch))
     return worker.make_executor(backend)
 
 
@@ -291,13 +292,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from harness.backends import get_target
+    from harness.backends import resolve_target
     from harness.fuzz import worker
     from harness.fuzz.engine import codec_limits
 
     limits = codec_limits(args.backend)
     pool = input_pool(args.cases, args.seed, args.max_tokens, limits)
-    target = get_target(args.backend)
+    target = resolve_target(args.backend)
     report: dict = {"backend": args.backend, "cases": len(pool), "max_tokens": args.max_tokens,
                     "load_average": os.getloadavg(), "threads": torch.get_num_threads()}
     stages: dict[str, float] = defaultdict(float)

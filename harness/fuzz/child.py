@@ -47,10 +47,11 @@ class _Child:
             config.backend, config.bugs, device_coverage=config.device_coverage,
             graph=config.graph, timeout=config.hang_timeout, features=features.features)
         if config.batch > 1:
+            from harness.backends import resolve_target
             from harness.fuzz import batch
 
             self._make_executor = lambda: batch.BatchExecutor(
-                worker.make_target(config.backend), config.bugs,
+                resolve_target(config.backend), config.bugs,
                 batch.BatchConfig(size=config.batch, seed=config.seed or 0))
         self.executor = None
         self.store = FindingStore(config.findings_dir, config.backend, config.bugs, config.seed)
