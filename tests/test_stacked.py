@@ -11,7 +11,7 @@ from harness import invariants
 from harness.api import execute
 from harness.backends.cpu import CpuTarget
 from harness.bugs import VARIANTS, BugSet
-from harness.case import MoECase, Overrides, Patch, materialize
+from harness.case import Fault, MoECase, Overrides, Patch, materialize
 from harness.chain import stacked
 from harness.chain.runner import chain_mode
 from harness.fuzz import codec
@@ -34,6 +34,13 @@ CASES = {
         topk_ids=torch.randint(0, 8, (16, 2), generator=torch.Generator().manual_seed(9),
                                dtype=torch.int32))),
     "three-step": MoECase(300, 8, 2, seed=10, hidden_size=2),
+    "gating-faults": MoECase(16, 8, 4, seed=11, hidden_size=2, faults=(
+        Fault("gating", "topk_ids", "garbage", rows=(), fraction=0.25, seed=3),
+        Fault("gating", "topk_weights", "stale", rows=(1, 5)),
+        Fault("gating", "topk_ids", "duplicate", rows=(7,)))),
+    "gating-fault-bitflip": MoECase(8, 8, 2, seed=12, hidden_size=2, max_loras=2, faults=(
+        Fault("gating", "topk_weights", "bitflip", rows=(2,), bit=31),
+        Fault("gating", "topk_ids", "drop", rows=(0, 3)))),
 }
 BUGSETS = [(), *[(v,) for v in VARIANTS]]
 
@@ -121,7 +128,8 @@ def test_one_rank_layout_needs_every_token_sent():
 
 @pytest.mark.parametrize("case,why", [
     (MoECase(16, 8, 2, ep_size=2), "expert parallelism"),
-    (MoECase(16, 8, 2, faults=()), None),
+    (MoECase(16, 8, 2, faults=(Fault("dispatch", "recv_topk_ids", "garbage"),)),
+     "faults after gating"),
     (MoECase(300, 8, 2), None),
 ])
 def test_unstackable_reasons(case, why):

@@ -16,10 +16,11 @@ finalize output is zero, as it would be).
 
 Where no case has a padding receive slot (as many slots as tokens, every token sent), one rank
 with B*T slots is the cheaper stack (`stack_case` with `ranks` False): token t of case b in slot
-b*T + t. Which cases stack (`unstackable` says why not): no expert parallelism, no faults, no
-forged recv_counters/lora inputs; the sort's path per case is the single block's or its variant
-is off; one experts launch per case; the stack's buffers within `max_batch`. Launches
-are validated per case (a stack's grids are larger than any of its cases').
+b*T + t. Which cases stack (`unstackable` says why not): no expert parallelism; faults at the
+gating boundary only (applied to each case's rows); no forged recv_counters or LoRA inputs; the
+sort's path per case is the single block's or its variant is off; one experts launch per case;
+the stack's buffers within `max_batch`. Launches are validated per case (a stack's grids are
+larger than any of its cases').
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from harness.case import Materialized, MoECase, Overrides, materialize
 from harness.chain import StageContext
 from harness.chain.dispatch import CombineInput, DispatchInput, combine_cpu, dispatch_cpu
 from harness.chain.experts import ExpertsInput, FinalizeInput, experts_over_chunks, finalize_cpu
+from harness.chain.faults import apply_fault
 from harness.chain.gating import GatingInput, GatingOutput, gating_cpu
 from harness.chain.lora_align import LoraAlignInput, lora_align_cpu
 from harness.chain.result import RankRun, RunResult
@@ -55,8 +57,8 @@ def unstackable(case: MoECase, bugs: BugSet, batch: int) -> str | None:
     o = case.overrides
     if case.ep_size != 1:
         return "expert parallelism"
-    if case.faults:
-        return "faults"
+    if any(f.boundary != "gating" for f in case.faults):
+        return "faults after gating"
     if o.recv_counters is not None or o.token_lora_mapping is not None \
             or o.lora_ids is not None:
         return "forged recv_counters or LoRA inputs"
@@ -173,6 +175,10 @@ def _run(res: RunResult, ctx: StageContext, case: MoECase, B: int) -> None:
         weights = o.topk_weights if o.topk_weights is not None else \
             torch.full((B * T, K), 1.0 / K)
         routed = GatingOutput(o.topk_ids.clone(), weights.to(torch.float32).clone())
+    changes: dict[str, torch.Tensor] = {}
+    for f in case.faults:  # each case's rows, as the runner corrupts them alone
+        changes[f.tensor] = apply_fault(changes.get(f.tensor, getattr(routed, f.tensor)), f, B)
+    routed = dataclasses.replace(routed, **changes)
 
     if case.max_loras > 0:
         res.lora_in = LoraAlignInput(_offset_ids(routed.topk_ids, T, E, B),
