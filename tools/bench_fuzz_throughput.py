@@ -1,7 +1,7 @@
 """Fuzz throughput: where one fuzz execution's time goes, and checked cases per second.
 
     python tools/bench_fuzz_throughput.py [--backend cpu|cuda] [--cases 300] [--max-tokens 64]
-        [--seed 1] [--batch 16] [--no-atheris] [--no-worker] [--json OUT]
+        [--seed 1] [--batch 16] [--stackable-only] [--no-atheris] [--no-worker] [--json OUT]
 
 A pool of `--cases` fuzz inputs is made the way a campaign makes them: the repository seeds
 (`corpus/seeds`) mutated by `harness.fuzz.mutators.mutate`, stacked, keeping the inputs whose
@@ -52,10 +52,14 @@ PARTS = ("mutate", "decode", "materialise", "chain", "invariants", "oracle", "fe
          "worker json")
 
 
-def input_pool(n: int, seed: int, max_tokens: int, limits) -> list[bytes]:
+def input_pool(n: int, seed: int, max_tokens: int, limits,
+               stackable: bool = False) -> list[bytes]:
     """`n` fuzz inputs: the repository seeds mutated (stacked, as a campaign does) with
-    T <= max_tokens, deterministic in `seed`."""
+    T <= max_tokens, deterministic in `seed`; `stackable`: only inputs a batch stacks
+    (`harness.chain.stacked.unstackable`, fixed chain, B = 16)."""
     from harness import corpus
+    from harness.bugs import BugSet
+    from harness.chain import stacked
     from harness.fuzz import codec, mutators
 
     config = mutators.MutatorConfig(limits=limits)
@@ -69,7 +73,9 @@ def input_pool(n: int, seed: int, max_tokens: int, limits) -> list[bytes]:
     while len(pool) < n:
         data = mutators.mutate(rng.choice(small + pool[-64:]), 4096, rng.randrange(2**31),
                                config)
-        if codec.decode(data, limits).num_tokens <= max_tokens:
+        case = codec.decode(data, limits)
+        if case.num_tokens <= max_tokens and not (
+                stackable and stacked.unstackable(case, BugSet(), 16) is not None):
             pool.append(data)
     return pool
 
@@ -279,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--batch", type=int, default=1, help="cases per input (cpu: batched)")
+    p.add_argument("--stackable-only", action="store_true",
+                   help="a pool of inputs the batch stacks (its own throughput)")
     p.add_argument("--no-atheris", action="store_true")
     p.add_argument("--no-worker", action="store_true")
     p.add_argument("--json", type=Path)
@@ -297,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     from harness.fuzz.engine import codec_limits
 
     limits = codec_limits(args.backend)
-    pool = input_pool(args.cases, args.seed, args.max_tokens, limits)
+    pool = input_pool(args.cases, args.seed, args.max_tokens, limits, args.stackable_only)
     target = resolve_target(args.backend)
     report: dict = {"backend": args.backend, "cases": len(pool), "max_tokens": args.max_tokens,
                     "load_average": os.getloadavg(), "threads": torch.get_num_threads()}
