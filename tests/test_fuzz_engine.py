@@ -92,3 +92,11 @@ def test_a_stopped_run_keeps_what_it_found(tmp_path):
     assert files and all(p.stat().st_size > 0 for p in files)
     for f in report.findings:
         corpus.load(f.path)  # every stored finding is a whole, valid file
+
+
+def test_semantic_features_reach_libfuzzer(tmp_path):
+    """Without Python coverage libFuzzer's only signal is the semantic feature counters: they
+    must count (the hook is bound once fuzzing has started, not before)."""
+    report = fuzz(_config(tmp_path, runs=60, seed=4, python_coverage=False))
+    s = report.status
+    assert s.semantic > 0 and s.coverage > 0 and s.corpus_size > 1

@@ -11,12 +11,15 @@ process when it stops: `atheris.Fuzz()` never returns.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 from harness.errors import BackendUnavailable, HarnessError
 from harness.fuzz.engine import (
@@ -31,6 +34,52 @@ from harness.fuzz.engine import (
 from harness.fuzz.store import FindingStore, StoredFinding
 
 
+def _fresh_result_probe() -> object:
+    """An object whose every rich comparison returns a new object (probes `_trace_cmp`)."""
+
+    class _Probe:
+        def _cmp(self, other: object) -> object:
+            return _Probe()
+
+        __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _cmp  # type: ignore[assignment]
+        __hash__ = object.__hash__
+
+    return _Probe()
+
+
+def plug_compare_leak(atheris: ModuleType) -> bool:
+    """Stop atheris' comparison hook from leaking every comparison's result; True if it did.
+
+    Instrumented code calls `atheris._trace_cmp(left, right, op, counter, is_const)` for every
+    `==`, `<`, ...; atheris 3.0 returns the result with one reference too many (a pybind11
+    handle made from a new reference), so each tensor comparison of the chain (`ids < 0`,
+    `x == x`) kept its result tensor alive forever: 0.5-0.8 MB per execution, gigabytes within
+    minutes. A probe (a comparison that returns a fresh object) tells whether the hook in place
+    leaks; if it does it is wrapped to drop the extra reference of every non-bool result (a
+    leaked reference to True/False costs nothing). An atheris without the bug is left alone.
+    libFuzzer swaps in its own hook when fuzzing starts: call this after that (first input).
+    """
+    native = atheris._trace_cmp
+    probe = native(_fresh_result_probe(), _fresh_result_probe(), 2, 0, False)
+    # a fresh object held by `probe` and by getrefcount's argument: 2; 3 when one leaked
+    if sys.getrefcount(probe) != 3:
+        return False
+    decref = ctypes.pythonapi.Py_DecRef
+    decref.argtypes = [ctypes.py_object]
+    decref.restype = None
+    decref(probe)
+
+    def trace_cmp(left: object, right: object, op: int, counter: int,
+                  is_const: bool) -> object:
+        result = native(left, right, op, counter, is_const)
+        if result.__class__ is not bool:
+            decref(result)
+        return result
+
+    atheris._trace_cmp = trace_cmp
+    return True
+
+
 class _Child:
     """The state of the fuzzing process: executor, store, counters, status."""
 
@@ -41,7 +90,8 @@ class _Child:
 
         self.config, self.started_at, self.run_dir = config, started_at, run_dir
         self.limits = codec_limits(config.backend)
-        self.trace = atheris._trace_branch  # rebound after atheris.Setup (see child_main)
+        #: libFuzzer's own hooks are swapped in when fuzzing starts: bound at the first input
+        self.trace: Callable[[int], None] | None = None
         self.counters = [atheris._reserve_counter() for _ in range(FEATURE_COUNTERS)]
         self._make_executor = lambda: worker.make_executor(
             config.backend, config.bugs, device_coverage=config.device_coverage,
@@ -84,6 +134,11 @@ class _Child:
 
     def test_one_input(self, data: bytes) -> None:
         """libFuzzer's target: decode, run, feed features, record findings; never raises."""
+        if self.trace is None:  # the first input: libFuzzer's hooks are in place now
+            import atheris
+
+            plug_compare_leak(atheris)
+            self.trace = atheris._trace_branch
         self.executions += 1
         try:
             case, outcome = self.executor.run_input(data, self.limits)
@@ -171,7 +226,5 @@ def child_main(run_dir: str) -> None:
     child.write_status()
     atheris.Setup(_libfuzzer_argv(config, run), child.test_one_input,
                   custom_mutator=custom_mutator, custom_crossover=custom_crossover)
-    # Setup swaps in libFuzzer's own _trace_branch: one taken before it counts nowhere
-    child.trace = atheris._trace_branch
     atheris.Fuzz()
     child.finish("run budget")  # not reached: libFuzzer exits the process
