@@ -7,8 +7,9 @@ Runs `moe-harness fuzz` on the fixed chain (fresh corpus and findings directorie
 after `--` is passed on, e.g. `-- --workers 2 --bug topk-nan-argmax`) for `--minutes`, and
 every `--interval` seconds prints the resident memory (RSS, from /proc) of every process of the
 campaign: the parent, its libFuzzer children, their case workers (cuda), sanitizer replays.
-After `--warmup` seconds (imports, kernel builds, the corpus filling up) the growth of the
-campaign's total RSS is fitted by least squares and extrapolated to 30 minutes; the verdict
+After `--warmup` seconds (imports, kernel builds, the corpus filling up) the trend of the
+campaign's total RSS (Theil-Sen: the median of pairwise slopes, so one large input's transient
+allocation does not count as growth) is extrapolated to 30 minutes; the verdict
 says whether it stays under `--bound-mb` (the issue's bound: 200 MB per 30 minutes). Memory
 is read from outside, so the numbers include what libFuzzer and torch allocate natively.
 Linux only (/proc).
@@ -21,70 +22,22 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from harness.fuzz.stats import command_line, process_tree, role, rss_mb
 
 
-def children(pid: int) -> list[int]:
-    """Direct children of `pid` (every thread's list)."""
-    out: list[int] = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                out += [int(c) for c in f.read().split()]
-    except OSError:
-        pass
-    return out
-
-
-def tree(pid: int) -> list[int]:
-    """`pid` and all its descendants."""
-    todo, seen = [pid], []
-    while todo:
-        p = todo.pop()
-        seen.append(p)
-        todo += children(p)
-    return seen
-
-
-def rss_mb(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * PAGE / 2**20
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def role(pid: int, root: int) -> str:
-    """What a process of the campaign is, from its command line."""
-    if pid == root:
-        return "parent"
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
-    except OSError:
-        return "?"
-    for needle, name in (("child_main", "libfuzzer"), ("harness.isolation", "worker"),
-                         ("compute-sanitizer", "sanitizer"), ("ray", "ray")):
-        if needle in cmd:
-            return name
-    return cmd.split(" ")[0].rsplit("/", 1)[-1] or "?"
-
-
-def slope_per_s(points: list[tuple[float, float]]) -> float:
-    """Least-squares slope of (t, y)."""
-    n = len(points)
-    if n < 2:
-        return 0.0
-    mt = sum(t for t, _ in points) / n
-    my = sum(y for _, y in points) / n
-    var = sum((t - mt) ** 2 for t, _ in points)
-    return 0.0 if var == 0 else sum((t - mt) * (y - my) for t, y in points) / var
+def theil_sen_per_s(points: list[tuple[float, float]]) -> float:
+    """The median of the pairwise slopes of (t, y): a trend that one large input's transient
+    allocation (a single high sample) does not bend, as a least-squares fit would."""
+    slopes = [(y2 - y1) / (t2 - t1) for i, (t1, y1) in enumerate(points)
+              for t2, y2 in points[i + 1:] if t2 > t1]
+    return statistics.median(slopes) if slopes else 0.0
 
 
 def main() -> int:
@@ -123,7 +76,8 @@ def main() -> int:
         while proc.poll() is None:
             time.sleep(args.interval)
             t = time.monotonic() - start
-            procs = {p: (role(p, proc.pid), rss_mb(p)) for p in tree(proc.pid)}
+            procs = {p: ("parent" if p == proc.pid else role(command_line(p)), rss_mb(p))
+                     for p in process_tree(proc.pid)}
             # a process that is exiting (a zombie) has no memory left: not a sample
             procs = {p: v for p, v in procs.items() if v[1]}
             if proc.poll() is not None or not procs:
@@ -143,13 +97,14 @@ def main() -> int:
     print(f"# fuzz exit code {rc}; its last lines:")
     for line in tail:
         print(f"#   {line}")
-    late = [(s["t"], s["total_mb"]) for s in samples if s["t"] >= args.warmup]
-    growth = slope_per_s(late) * 1800
+    # the campaign's last moments (past its budget: stopping, a final merge) are not a trend
+    late = [(s["t"], s["total_mb"]) for s in samples if args.warmup <= s["t"] <= seconds]
+    growth = theil_sen_per_s(late) * 1800
     first = late[0][1] if late else float("nan")
     last = late[-1][1] if late else float("nan")
     ok = len(late) >= 2 and growth < args.bound_mb
     print(f"after {args.warmup:.0f} s: {first:.0f} MB -> {last:.0f} MB over "
-          f"{(late[-1][0] - late[0][0]) if late else 0:.0f} s; fitted growth "
+          f"{(late[-1][0] - late[0][0]) if late else 0:.0f} s; trend "
           f"{growth:+.0f} MB / 30 min (bound {args.bound_mb:.0f}): "
           f"{'OK' if ok else 'OVER THE BOUND'}")
     if args.json:

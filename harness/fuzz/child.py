@@ -1,11 +1,14 @@
 """The fuzzing process: libFuzzer (atheris) driving the decoder, the mutators and the chain.
 
-`harness.fuzz.engine.fuzz` starts it (`python -c _BOOTSTRAP RUN_DIR`) and watches it. Here
-the chain's modules are instrumented by atheris (Python edge coverage), every run's semantic
-features (`features.features`, the cuda backend's device coverage included) bump counters
-reserved once with `atheris._reserve_counter()`, findings go to the `FindingStore` (one corpus
-JSON per new signature) and the status file is rewritten atomically. libFuzzer ends this
-process when it stops: `atheris.Fuzz()` never returns.
+A worker (`harness.fuzz.supervisor.FuzzWorker`) starts it (`python -c _BOOTSTRAP WORKER_DIR`,
+its configuration in WORKER_DIR/config.json) and supervises it. Here the chain's modules are
+instrumented by atheris (Python edge coverage), every run's semantic features
+(`features.features`, the cuda backend's device coverage included) bump counters reserved
+once with `atheris._reserve_counter()`, findings go to the `FindingStore` (one corpus JSON
+per new signature, stored once across processes) and the status file, with a heartbeat, is
+rewritten atomically. The process dies with its parent (PR_SET_PDEATHSIG, and a check of its
+parent at every status write). libFuzzer ends this process when it stops: `atheris.Fuzz()`
+never returns.
 """
 
 from __future__ import annotations
@@ -22,14 +25,14 @@ from pathlib import Path
 from types import ModuleType
 
 from harness.errors import BackendUnavailable, HarnessError
-from harness.fuzz.engine import (
+from harness.fuzz.campaign import (
     FEATURE_COUNTERS,
     INSTRUMENTED,
     NOT_INSTRUMENTED,
     STATUS_EVERY_S,
     FuzzConfig,
-    _write_json,
     codec_limits,
+    write_json,
 )
 from harness.fuzz.store import FindingStore, StoredFinding
 
@@ -83,12 +86,14 @@ def plug_compare_leak(atheris: ModuleType) -> bool:
 class _Child:
     """The state of the fuzzing process: executor, store, counters, status."""
 
-    def __init__(self, config: FuzzConfig, started_at: float, run_dir: Path) -> None:
+    def __init__(self, config: FuzzConfig, started_at: float, run_dir: Path,
+                 run_id: str | None = None, parent_pid: int | None = None) -> None:
         import atheris
 
         from harness.fuzz import features, worker
 
         self.config, self.started_at, self.run_dir = config, started_at, run_dir
+        self.parent_pid, self.run_id = parent_pid, run_id
         self.limits = codec_limits(config.backend)
         #: libFuzzer's own hooks are swapped in when fuzzing starts: bound at the first input
         self.trace: Callable[[int], None] | None = None
@@ -97,7 +102,8 @@ class _Child:
             config.backend, config.bugs, device_coverage=config.device_coverage,
             graph=config.graph, timeout=config.hang_timeout, features=features.features)
         self.executor = None
-        self.store = FindingStore(config.findings_dir, config.backend, config.bugs, config.seed)
+        self.store = FindingStore(config.findings_dir, config.backend, config.bugs, config.seed,
+                                  run=run_id)
         self.new: list[StoredFinding] = []
         #: signatures found again that an earlier run on the findings directory had found
         self.known: list[str] = []
@@ -119,9 +125,12 @@ class _Child:
                   "decode_errors": self.decode_errors,
                   "restarts": getattr(self.executor, "restarts", 0),
                   "findings": [f.to_json() for f in self.new], "known": self.known,
-                  "done": done, "reason": reason, "error": error}
-        _write_json(self.run_dir / "status.json", status)
+                  "done": done, "reason": reason, "error": error, "beat": time.time(),
+                  "pid": os.getpid()}
+        write_json(self.run_dir / "status.json", status)
         self._last_status = time.monotonic()
+        if not done and self.parent_pid is not None and os.getppid() != self.parent_pid:
+            self.finish("parent gone")  # a parent that could not use PR_SET_PDEATHSIG
 
     def finish(self, reason: str, error: str = "") -> None:
         self.write_status(done=True, reason=reason, error=error)
@@ -131,6 +140,12 @@ class _Child:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+    def _this_campaigns(self, signature: str) -> bool:
+        """Whether this campaign stored `signature` (this worker before a restart, or
+        another of its workers): not a finding of an earlier run."""
+        stored = self.store.get(signature)
+        return stored is not None and stored.run is not None and stored.run == self.run_id
 
     def test_one_input(self, data: bytes) -> None:
         """libFuzzer's target: decode, run, feed features, record findings; never raises."""
@@ -163,7 +178,8 @@ class _Child:
                 self.new.append(stored)
                 found = True
             elif finding.signature not in self.known and \
-                    all(f.signature != finding.signature for f in self.new):
+                    all(f.signature != finding.signature for f in self.new) and \
+                    not self._this_campaigns(finding.signature):
                 self.known.append(finding.signature)
         c = self.config
         if found and c.stop_on_first:
@@ -178,23 +194,39 @@ class _Child:
             self.write_status()
 
 
-def _libfuzzer_argv(config: FuzzConfig, run_dir: Path) -> list[str]:
-    argv = ["moe-harness-fuzz", f"-seed={config.seed}", "-reload=0", "-timeout=3600",
-            "-rss_limit_mb=16384", "-print_final_stats=1", f"-artifact_prefix={run_dir}/"]
+def _libfuzzer_argv(config: FuzzConfig, run_dir: Path, reload: int = 0,
+                    seconds_left: float | None = None) -> list[str]:
+    """libFuzzer's flags: `reload` > 0 re-reads the shared corpus every so many seconds (other
+    workers' inputs); its own time limit is a safety net behind the child's budget check."""
+    # libFuzzer's own per-input timeout stays behind the supervisor's stall detection
+    argv = ["moe-harness-fuzz", f"-seed={config.seed}", f"-reload={reload}",
+            f"-timeout={max(60, math.ceil(config.stall_seconds * 2))}",
+            f"-rss_limit_mb={config.rss_limit_mb}", "-print_final_stats=1",
+            f"-artifact_prefix={run_dir}/"]
     if config.runs is not None:
         argv.append(f"-runs={config.runs}")
     if config.seconds is not None:
-        argv.append(f"-max_total_time={math.ceil(config.seconds) + 5}")
+        left = config.seconds if seconds_left is None else seconds_left
+        argv.append(f"-max_total_time={max(1, math.ceil(left)) + 5}")
     if config.max_len is not None:
         argv.append(f"-max_len={config.max_len}")
     return [*argv, *config.libfuzzer_args, str(config.corpus_dir)]
 
 
 def child_main(run_dir: str) -> None:
-    """Entry point of the fuzzing process (`fuzz` starts it): never returns."""
+    """Entry point of the fuzzing process (a worker starts it): never returns."""
     run = Path(run_dir)
     obj = json.loads((run / "config.json").read_text())
-    config = FuzzConfig.from_json(obj)
+    parent = obj["parent_pid"]
+    if obj["pdeathsig"]:
+        from harness.isolation import die_with_parent
+
+        die_with_parent(parent)
+    config = FuzzConfig.from_json(obj["config"])
+    if obj.get("threads"):  # several workers share the cores: one torch thread pool each
+        import torch
+
+        torch.set_num_threads(obj["threads"])
     import atheris
 
     if config.python_coverage:
@@ -206,7 +238,7 @@ def child_main(run_dir: str) -> None:
             import harness.fuzz.worker
             import harness.invariants
             import harness.oracle  # noqa: F401
-    child = _Child(config, obj["started_at"], run)
+    child = _Child(config, obj["started_at"], run, obj["run_id"], parent)
     try:
         child.open()
     except HarnessError as exc:
@@ -224,7 +256,8 @@ def child_main(run_dir: str) -> None:
         return mutators.crossover(data1, data2, max_size, seed, mcfg)
 
     child.write_status()
-    atheris.Setup(_libfuzzer_argv(config, run), child.test_one_input,
+    left = None if config.seconds is None else config.seconds - child.elapsed()
+    atheris.Setup(_libfuzzer_argv(config, run, obj["reload"], left), child.test_one_input,
                   custom_mutator=custom_mutator, custom_crossover=custom_crossover)
     atheris.Fuzz()
     child.finish("run budget")  # not reached: libFuzzer exits the process
