@@ -210,7 +210,8 @@ def test_findings_table_status_and_minimised_file_agree(tmp_path, capsys):
     rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()
             if line.startswith("gating:")]
     assert rows
-    status = json.loads((findings / ".fuzz-run" / "status.json").read_text())
+    (run,) = (findings / ".fuzz-run").iterdir()  # the campaign's own run directory
+    status = json.loads((run / "status.json").read_text())
     by_sig = {f["signature"]: f for f in status["findings"]}
     for sig, severity, _s, _execs, _repro, minimized in rows:
         assert minimized and Path(minimized).exists()
