@@ -29,7 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness.fuzz.stats import command_line, process_tree, role, rss_mb
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from harness.fuzz.stats import command_line, process_tree, role, rss_mb  # noqa: E402
 
 
 def theil_sen_per_s(points: list[tuple[float, float]]) -> float:
@@ -69,7 +72,9 @@ def main() -> int:
     print(f"# {platform.node()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, "
           f"python {platform.python_version()}; directory {work}")
     log = open(work / "fuzz.out", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     start = time.monotonic()
     samples: list[dict] = []
     try:

@@ -24,6 +24,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
 
 def run(workers: int, seconds: float, backend: str, corpus: Path | None, seed: int,
         gpus: str | None) -> dict:
