@@ -13,7 +13,6 @@ import typer
 
 from harness import cli_ci
 from harness.cli_common import BackendOpt, BugOpt, JsonOpt, clean_errors, out
-from harness.output import PLAIN_PROGRESS_S
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fuzzing and fault injection for MoE routing pipelines.")
@@ -296,28 +295,24 @@ def corpus_prune(directory: Annotated[Path, typer.Argument(metavar="DIR")],
 # -- fuzzing and minimisation (harness.fuzz) ---------------------------------------------------
 
 
-def _fuzz_line(s) -> str:
-    return (f"{s.seconds:7.1f} s  {s.executions:>9,} execs  {s.exec_per_s:7,.0f}/s  "
-            f"cov {s.coverage}  ft {s.features}  semantic {s.semantic}  "
-            f"corpus {s.corpus_size}  findings {len(s.findings)}")
-
-
 @app.command()
 @clean_errors
 def fuzz(backend: BackendOpt = "cpu", bug: BugOpt = None,
          seconds: Annotated[float | None, typer.Option(
              "--time", help="seconds to fuzz, from the start (default 60)")] = None,
          runs: Annotated[int | None, typer.Option(
-             "--runs", help="executions to run, instead of a time budget")] = None,
+             "--runs", help="executions to run (shared by the workers), instead of a time "
+             "budget")] = None,
          corpus_dir: Annotated[Path | None, typer.Option(
              "--corpus", help="libFuzzer's corpus directory (default FINDINGS/corpus); a new "
              "run resumes from it")] = None,
          findings: Annotated[Path, typer.Option(
              "--findings", help="findings directory: one directory per signature, the first "
-             "reproducer and its minimised form")] = Path("findings"),
+             "reproducer and its minimised form; each campaign's own directory under "
+             "FINDINGS/.fuzz-run/")] = Path("findings"),
          seed: Annotated[int | None, typer.Option(
-             "--seed", help="1..2**31-1; default: a fresh one, printed (with --runs, the same "
-             "seed and corpus repeat a run)")] = None,
+             "--seed", help="1..2**31-1; default: a fresh one, printed (with --runs and one "
+             "worker, the same seed and corpus repeat a run)")] = None,
          stop_on_first: Annotated[bool, typer.Option(
              "--stop-on-first", help="stop at the first finding")] = False,
          moe_mutators: Annotated[bool, typer.Option(
@@ -334,15 +329,37 @@ def fuzz(backend: BackendOpt = "cpu", bug: BugOpt = None,
              "--sanitizer-every", metavar="N", help="replay every Nth new corpus entry and "
              "every finding under compute-sanitizer memcheck, in a separate process while the "
              "fuzzer runs; a memcheck error on a corpus entry is a finding (0: off)")] = 0,
+         workers: Annotated[int | None, typer.Option(
+             "--workers", metavar="N", help="fuzzing processes, each with its own libFuzzer, "
+             "sharing the corpus (default 1, or one per GPU of --gpus)")] = None,
+         gpus: Annotated[str | None, typer.Option(
+             "--gpus", metavar="all|0,2", help="cuda: the GPUs of this host to fuzz on, one "
+             "worker each (pinned with CUDA_VISIBLE_DEVICES)")] = None,
+         stats_every: Annotated[float, typer.Option(
+             "--stats-every", metavar="S", help="a progress line and a sample in the run's "
+             "stats.jsonl every S seconds (also when the output is not a terminal)")] = 10.0,
+         ray: Annotated[str | None, typer.Option(
+             "--ray", metavar="ADDRESS|auto|local", help="run the workers as Ray actors on "
+             "the cluster at ADDRESS (auto: the one this host belongs to; local: a new "
+             "one-host cluster); needs moe-harness[ray]")] = None,
+         sync_dir: Annotated[Path | None, typer.Option(
+             "--sync-dir", help="with --ray: a directory every node sees (shared file "
+             "system) through which the workers share the corpus (default: through Ray)")
+         ] = None,
+         rss_limit_mb: Annotated[int, typer.Option(
+             "--rss-limit-mb", help="a fuzzing process over this is restarted from the "
+             "corpus")] = 8192,
          batch: Annotated[int, typer.Option(
              "--batch", metavar="B", help="cpu: check each input with B - 1 siblings as one "
              "stacked run (1: one case per input)")] = 1,
          as_json: JsonOpt = False) -> None:
     """Coverage-guided fuzzing of the chain (atheris): findings deduplicated by signature,
-    each saved with its minimised form; exit 1 if there is a finding."""
+    each saved with its minimised form; exit 1 if there is a finding. SIGTERM or Ctrl-C stop
+    the campaign with its summary."""
     from harness.errors import ConfigError
     from harness.fuzz.engine import FuzzConfig
     from harness.fuzz.engine import fuzz as run_fuzz
+    from harness.fuzz.stats import progress_line
 
     if seconds is not None and runs is not None:
         raise ConfigError("--time/--runs", "give a time budget or a run budget, not both")
@@ -352,25 +369,39 @@ def fuzz(backend: BackendOpt = "cpu", bug: BugOpt = None,
                         corpus_dir=corpus_dir, findings_dir=findings, seed=seed,
                         stop_on_first=stop_on_first, moe_mutators=moe_mutators, graph=graph,
                         device_coverage=device_coverage, minimize=minimize,
-                        sanitizer_every=sanitizer_every, batch=batch).resolved()
+                        sanitizer_every=sanitizer_every, workers=workers, gpus=gpus,
+                        stats_every=stats_every, ray=ray, sync_dir=sync_dir,
+                        rss_limit_mb=rss_limit_mb, batch=batch).resolved()
     say = (lambda line: None) if as_json else out.text
     say(f"fuzzing {backend} ({', '.join(config.bugs) or 'fixed chain'}), seed "
         f"{config.seed}, corpus {config.corpus_dir}, findings {config.findings_dir}")
     shown: set[str] = set()
-    last_line = [0.0]
+    seen = {"samples": 0, "events": 0, "started": False}
     with out.status("starting the fuzzer", quiet=as_json) as status:
         def progress(s) -> None:
+            if not seen["started"]:
+                seen["started"] = True
+                say(f"run {s.run_id}: {s.workers} worker(s)"
+                    + (f"; resumed: {s.resumed_inputs} corpus inputs, {s.earlier_findings} "
+                       "earlier findings" if s.resumed_inputs or s.earlier_findings else ""))
+                if s.concurrent_runs:
+                    say(f"note: {len(s.concurrent_runs)} other campaign(s) running on "
+                        f"{config.findings_dir} ({', '.join(s.concurrent_runs)}): each "
+                        "reports its own findings, each signature is stored once")
             for f in s.findings:
                 if f.signature not in shown:
                     shown.add(f.signature)
                     say(f"finding {f.signature} after {f.seconds:.1f} s, "
                         f"{f.executions:,} executions: {f.path}")
-            line = _fuzz_line(s)
+            for event in s.events[seen["events"]:]:
+                say(f"note: {event}")
+            seen["events"] = len(s.events)
+            line = progress_line(s)
             if config.sanitizer_every:
                 line += f"  sanitized {s.sanitized} ({s.sanitizer_pending} waiting)"
             status.update(line)
-            if not out.terminal and s.seconds - last_line[0] >= PLAIN_PROGRESS_S:
-                last_line[0] = s.seconds  # a CI log gets a line now and then, not a spinner
+            if s.samples > seen["samples"] and not s.done:  # every --stats-every seconds,
+                seen["samples"] = s.samples  # on a terminal and in a CI or nohup log alike
                 say(line)
 
         report = run_fuzz(config, progress)
@@ -392,15 +423,19 @@ def fuzz(backend: BackendOpt = "cpu", bug: BugOpt = None,
                     "" if f.earlier else f"{f.executions:,}", str(f.path),
                     str(f.minimized or "")) for f in report.findings])
     for problem in [*report.minimize_errors, *report.sanitizer_problems]:
-        out.print(f"note: {problem}", markup=False, soft_wrap=True)
-    out.print(f"{s.executions:,} executions in {s.seconds:.1f} s ({s.exec_per_s:,.0f}/s, "
-              f"{s.reason}); coverage {s.coverage} edges, {s.features} features, "
-              f"{s.semantic} semantic; corpus {s.corpus_size}; seed {config.seed}",
-              markup=False, soft_wrap=True)
+        out.text(f"note: {problem}")
+    workers_note = f", {s.workers} workers" if s.workers > 1 else ""
+    if s.synced_inputs:
+        workers_note += f", {s.synced_inputs} inputs shared through Ray"
+    restarts = f"; restarts: {s.restarts} case worker, {s.fuzzer_restarts} fuzzing process" \
+        if s.restarts or s.fuzzer_restarts else ""
+    out.text(f"{s.executions:,} executions in {s.seconds:.1f} s ({s.exec_per_s:,.0f}/s, "
+             f"{s.reason}{workers_note}); coverage {s.coverage} edges, {s.features} features, "
+             f"{s.semantic} semantic; corpus {s.corpus_size}; seed {config.seed}{restarts}")
+    out.text(f"run directory {report.run_dir} (stats.jsonl, libFuzzer logs)")
     if config.sanitizer_every:
-        out.print(f"memcheck: {s.sanitized} case(s) sanitized (1 in {config.sanitizer_every}"
-                  f" new corpus entries, every finding), {s.sanitizer_errors} sanitizer "
-                  "error(s)", markup=False, soft_wrap=True)
+        out.text(f"memcheck: {s.sanitized} case(s) sanitized (1 in {config.sanitizer_every}"
+                 f" new corpus entries, every finding), {s.sanitizer_errors} sanitizer error(s)")
     if not report.findings:
         out.print("[green]no findings[/green]")
     raise typer.Exit(1 if report.findings else 0)

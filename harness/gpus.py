@@ -94,3 +94,52 @@ def pin(gpu: int, env: dict[str, str] | None = None) -> None:
     env = os.environ if env is None else env
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+
+
+def select_gpus(spec: str, nvml: Any = None) -> list[int]:
+    """The GPUs a campaign's workers use: "all" (every GPU NVML sees, most free memory first)
+    or a list like "0,2" (checked against what NVML sees). `HarnessError` when NVML sees no
+    GPU or a listed index does not exist."""
+    free = free_memory(nvml)
+    if not free:
+        raise HarnessError(f"--gpus {spec}: NVML sees no GPU here (no driver, no nvidia-ml-py, "
+                           "or no device)")
+    if spec == "all":
+        return rank_gpus(free)
+    wanted = parse_gpu_list(spec)
+    missing = [i for i in wanted if i not in free]
+    if missing:
+        raise HarnessError(f"--gpus {spec}: no GPU {missing[0]} (NVML sees "
+                           f"{', '.join(map(str, sorted(free)))})")
+    return wanted
+
+
+def usage(indices: Sequence[int], nvml: Any = None) -> dict[int, dict[str, float]] | None:
+    """Utilisation (%) and memory used/total (MB) of each GPU of `indices`, from NVML; None
+    where NVML cannot be used. A GPU NVML cannot read is left out."""
+    if nvml is None:
+        try:
+            import pynvml as nvml
+        except ImportError:
+            return None
+    try:
+        nvml.nvmlInit()
+    except Exception:
+        return None
+    out: dict[int, dict[str, float]] = {}
+    try:
+        for i in indices:
+            try:
+                handle = nvml.nvmlDeviceGetHandleByIndex(i)
+                mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+                rates = nvml.nvmlDeviceGetUtilizationRates(handle)
+            except Exception:
+                continue
+            out[i] = {"util_pct": float(rates.gpu), "mem_used_mb": round(mem.used / 2**20, 1),
+                      "mem_total_mb": round(mem.total / 2**20, 1)}
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except Exception:
+            pass
+    return out

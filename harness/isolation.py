@@ -15,6 +15,8 @@ a reply, and the tail of that log explains a crash. Nothing is pickled.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import importlib
 import json
 import os
@@ -40,6 +42,21 @@ def request_restart() -> None:
     so the parent starts a fresh child for the next call."""
     global _restart_requested
     _restart_requested = True
+
+
+#: prctl(2) option: the signal a process gets when its parent dies (Linux)
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
+    """Called first thing in a child process: get `sig` when the parent dies (Linux
+    PR_SET_PDEATHSIG), so that a SIGKILLed parent leaves no child behind; exit at once if the
+    parent (`parent_pid`) is already gone. Elsewhere (no prctl) a no-op beyond that check."""
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -82,11 +99,17 @@ class Isolated:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def _start(self) -> None:
+        import threading
+
+        # PR_SET_PDEATHSIG fires when the *thread* that started the child ends: only a child
+        # of the main thread can use it (others exit when their stdin closes with us)
+        parent = [str(os.getpid())] if threading.current_thread() is threading.main_thread() \
+            else []
         read_fd, write_fd = os.pipe()
         self._log = tempfile.TemporaryFile(prefix="moe-harness-child-")
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "harness.isolation", str(write_fd)],
+                [sys.executable, "-m", "harness.isolation", str(write_fd), *parent],
                 stdin=subprocess.PIPE, stdout=self._log, stderr=self._log, pass_fds=(write_fd,),
                 env=self.env, cwd=self.cwd, close_fds=True)
         except OSError as exc:
@@ -228,4 +251,6 @@ if __name__ == "__main__":
     # the module whose `request_restart` the called functions import
     from harness import isolation
 
+    if len(sys.argv) > 2:
+        isolation.die_with_parent(int(sys.argv[2]))
     isolation._child_main(int(sys.argv[1]))

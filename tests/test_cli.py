@@ -134,6 +134,12 @@ def test_fuzz_finds_a_variant_exits_1_and_a_clean_run_exits_0(tmp_path, capsys):
     (["--seed", "0"], "seed"),
     (["--graph"], "graph"),
     (["--bug", "no-such-bug"], "no-such-bug"),
+    (["--workers", "0"], "workers"),
+    (["--gpus", "all"], "cuda backend"),
+    (["--backend", "cuda", "--gpus", "0,x"], "indices like 0,2"),
+    (["--backend", "cuda", "--gpus", "99"], "--gpus 99"),  # no NVML here, no GPU 99 there
+    (["--sync-dir", "x"], "--ray"),
+    (["--stats-every", "0"], "stats_every"),
 ])
 def test_fuzz_bad_usage_exits_2_with_one_line(extra, expect, tmp_path, capsys):
     assert main(["fuzz", "--findings", str(tmp_path), *extra]) == 2
@@ -204,7 +210,8 @@ def test_findings_table_status_and_minimised_file_agree(tmp_path, capsys):
     rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()
             if line.startswith("gating:")]
     assert rows
-    status = json.loads((findings / ".fuzz-run" / "status.json").read_text())
+    (run,) = (findings / ".fuzz-run").iterdir()  # the campaign's own run directory
+    status = json.loads((run / "status.json").read_text())
     by_sig = {f["signature"]: f for f in status["findings"]}
     for sig, severity, _s, _execs, _repro, minimized in rows:
         assert minimized and Path(minimized).exists()
@@ -229,3 +236,12 @@ def test_minimize_writes_a_smaller_case(tmp_path, capsys):
     # without the variant the case has no finding to keep: bad input, one line
     assert main(["minimize", str(path)]) == 2
     assert "no finding" in capsys.readouterr().err
+
+
+def test_fuzz_ray_without_ray_installed_is_one_line(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if not installed
+    assert main(["fuzz", "--ray", "local", "--findings", str(tmp_path), "--runs", "5"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "pip install 'moe-harness[ray]'" in err[0]

@@ -3,6 +3,8 @@ stays silent on the fixed chain, resumes from its directories, repeats a run fro
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from harness import corpus
@@ -92,3 +94,27 @@ def test_a_stopped_run_keeps_what_it_found(tmp_path):
     assert files and all(p.stat().st_size > 0 for p in files)
     for f in report.findings:
         corpus.load(f.path)  # every stored finding is a whole, valid file
+
+
+def test_semantic_features_reach_libfuzzer(tmp_path):
+    """Without Python coverage libFuzzer's only signal is the semantic feature counters: they
+    must count (the hook is bound once fuzzing has started, not before)."""
+    report = fuzz(_config(tmp_path, runs=60, seed=4, python_coverage=False))
+    s = report.status
+    assert s.semantic > 0 and s.coverage > 0 and s.corpus_size > 1
+
+
+def test_two_workers_share_the_corpus_and_store_each_signature_once(tmp_path):
+    report = fuzz(_config(tmp_path, bugs=(EASY,), runs=300, workers=2, reload_seconds=1,
+                          stats_every=1))
+    s = report.status
+    assert s.workers == 2 and s.executions == 300 and s.reason == "run budget"
+    logs = [(report.run_dir / f"w{i}" / "libfuzzer.log").read_text() for i in range(2)]
+    assert all("INITED" in log for log in logs)
+    assert any("RELOAD" in log for log in logs)  # one read inputs the other added
+    assert report.findings
+    for f in report.findings:
+        assert len(list(f.path.parent.glob("*.json"))) == 1 and f.run == s.run_id
+    samples = [json.loads(line) for line in (report.run_dir / "stats.jsonl").open()]
+    assert len(samples) == s.samples >= 2 and samples[-1]["executions"] == 300
+    assert any({"parent", "w0", "w1"} <= set(x["rss_mb"]) for x in samples)

@@ -46,7 +46,9 @@ def fake_sanitizer(tmp_path, monkeypatch):
 
 
 def _sanitized_corpus(findings_dir: Path) -> list[tuple[Path, dict]]:
-    d = findings_dir / RUN_DIR / SANITIZE_DIR / "corpus"
+    """The sanitized corpus entries of the (only) campaign run on `findings_dir`."""
+    (run,) = (findings_dir / RUN_DIR).iterdir()
+    d = run / SANITIZE_DIR / "corpus"
     return [(p, json.loads(p.read_text())["meta"]) for p in sorted(d.glob("*.json"))]
 
 

@@ -68,6 +68,41 @@ def test_status_json_round_trip(tmp_path):
     assert type(stored).from_json(stored.to_json()) == stored
 
 
+def test_a_store_opened_before_another_process_stored_adopts_its_reproducer(tmp_path):
+    mine = FindingStore(tmp_path, run="mine")
+    theirs = FindingStore(tmp_path, run="theirs")
+    first = theirs.record(CASE, UNIQUE, 1.0, 10)
+    adopted = mine.record(OTHER, UNIQUE, 2.0, 20)  # found independently, stored second
+    assert adopted.path == first.path and adopted.run == "theirs" and not adopted.earlier
+    assert (adopted.seconds, adopted.executions) == (2.0, 20)  # the finder's own numbers
+    assert len(list((tmp_path / signature_dir(UNIQUE.signature)).glob("*.json"))) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [signature_dir(UNIQUE.signature)]  # no
+    # staged directories left behind
+
+
+def _race(directory: str, seed: int, barrier, results) -> None:
+    store = FindingStore(directory, run=f"p{seed}")  # opened before anyone stored
+    barrier.wait()
+    stored = store.record(MoECase(8 + seed, 8, 2, seed=seed), UNIQUE, 1.0, seed)
+    results.put((stored.run, str(stored.path)))
+
+
+def test_processes_racing_for_one_signature_store_it_once(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(6), ctx.Queue()
+    procs = [ctx.Process(target=_race, args=(str(tmp_path), s, barrier, results))
+             for s in range(1, 7)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+    files = list((tmp_path / signature_dir(UNIQUE.signature)).glob("*.json"))
+    assert len(files) == 1 and {path for _, path in got} == {str(files[0])}
+    assert len({run for run, _ in got}) == 1  # everyone names the one who stored it
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 def test_a_minimised_legal_case_makes_the_finding_legal_everywhere(tmp_path):
     """One truth: a finding first met out of contract whose minimised form is legal is legal
     in the store's entry, in the minimised file and after a reload."""

@@ -14,9 +14,11 @@ from harness.errors import HarnessError
 class FakeNVML:
     """The few pynvml calls `harness.gpus` makes, over a table of free bytes per GPU."""
 
-    def __init__(self, free: list[int], fail_init: bool = False) -> None:
+    def __init__(self, free: list[int], fail_init: bool = False,
+                 util: list[int] | None = None) -> None:
         self.free = free
         self.fail_init = fail_init
+        self.util = util or [0] * len(free)
         self.open = False
 
     def nvmlInit(self) -> None:
@@ -35,7 +37,13 @@ class FakeNVML:
         return i
 
     def nvmlDeviceGetMemoryInfo(self, handle: int) -> SimpleNamespace:
-        return SimpleNamespace(free=self.free[handle], total=80 << 30)
+        if handle >= len(self.free):
+            raise RuntimeError("NVML_ERROR_INVALID_ARGUMENT")
+        return SimpleNamespace(free=self.free[handle], total=80 << 30,
+                               used=(80 << 30) - self.free[handle])
+
+    def nvmlDeviceGetUtilizationRates(self, handle: int) -> SimpleNamespace:
+        return SimpleNamespace(gpu=self.util[handle], memory=0)
 
 
 def test_free_memory_reads_every_gpu_and_shuts_nvml_down():

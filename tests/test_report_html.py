@@ -30,12 +30,31 @@ def campaign(tmp_path_factory):
 
 def test_reader_takes_a_findings_dir_or_its_run_dir(campaign):
     camp = read_run(campaign)
-    assert camp.path == campaign / ".fuzz-run" and read_run(camp.path).path == camp.path
+    (run,) = (campaign / ".fuzz-run").iterdir()  # the campaign's own run directory
+    assert camp.path == run and read_run(camp.path).path == camp.path
     assert camp.samples and camp.samples[-1].executions >= camp.samples[0].executions
-    assert not camp.timed  # the old layout: libFuzzer's log, indexed by executions
+    assert camp.timed  # its stats.jsonl: samples with a clock
+    assert camp.log == run / "w0" / "libfuzzer.log"
     this = [f for f in camp.findings if not f["earlier"]]
     assert this and all(f["signature"].startswith("gating:") for f in this)
     assert camp.corpus_dir == campaign / "corpus"
+
+
+def test_reader_reads_the_older_single_run_directory(tmp_path):
+    """Before campaigns had their own directories: `.fuzz-run/` itself, no stats.jsonl, the
+    samples from libFuzzer's log (indexed by executions)."""
+    run = tmp_path / "findings" / ".fuzz-run"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"findings_dir": str(tmp_path / "findings"),
+                                                 "corpus_dir": str(tmp_path / "c")}))
+    (run / "status.json").write_text(json.dumps({"executions": 9, "findings": []}))
+    (run / "libfuzzer.log").write_text(
+        "#2\tINITED cov: 10 ft: 12 corp: 1/1b exec/s: 0 rss: 300Mb\n"
+        "#9\tNEW    cov: 14 ft: 20 corp: 3/9b lim: 4 exec/s: 4 rss: 300Mb L: 3/3 MS: 1 Custom-\n")
+    camp = read_run(tmp_path / "findings")
+    assert camp.path == run and not camp.timed and camp.log == run / "libfuzzer.log"
+    assert [(x.executions, x.coverage, x.features) for x in camp.samples] == [(2, 10, 12),
+                                                                           (9, 14, 20)]
 
 
 def test_reader_prefers_the_stats_samples_of_a_per_campaign_run_dir(tmp_path):

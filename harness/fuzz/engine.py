@@ -4,284 +4,89 @@
       ^                                              |
       +-- libFuzzer (-seed, corpus dir) <-- Python edge coverage + feature counters
 
-libFuzzer ends its process when it stops (`atheris.Fuzz()` never returns), so `fuzz` runs the
-loop in a child process (`python -c _BOOTSTRAP RUN_DIR`) and watches it: the child writes a
-status file (executions, findings) atomically, libFuzzer its log and its corpus directory (one
-byte file per input, its own format), the `FindingStore` one corpus JSON per new signature.
-The parent reports progress, minimises each new finding (in a thread, while the loop goes on),
-with `sanitizer_every` replays corpus entries and findings under memcheck
-(`harness.fuzz.sanitize`, a separate process) and builds the `FuzzReport`. Inside the child
-the chain's modules are instrumented by atheris (Python edge coverage) and every run's semantic
-features (`features.features`, including the cuda backend's device coverage) bump counters
-reserved once with `atheris._reserve_counter()`.
+A campaign runs `workers` fuzzing processes (`harness.fuzz.child`), each supervised by a
+`harness.fuzz.supervisor.FuzzWorker` (restarted from the corpus when it dies or hangs, killed
+with its parent), on this host or as Ray actors (`harness.fuzz.cluster`). They share one
+corpus directory (libFuzzer re-reads it every `reload_seconds`, as its -jobs mode does) and
+one findings directory (a signature is stored once, by whoever finds it first). Each campaign
+has its own run directory (`harness.fuzz.rundir`): its configuration, the libFuzzer log and
+status of every worker, the statistics (`harness.fuzz.stats`, a sample every `stats_every`
+seconds) and its summary, so campaigns sharing the directories never read each other's state.
+
+This parent merges the workers' status, minimises each new finding (in a thread, while the
+loop goes on), with `sanitizer_every` replays corpus entries and findings under memcheck
+(`harness.fuzz.sanitize`) and builds the `FuzzReport`. SIGTERM and SIGINT stop the campaign
+with its report (a second one skips what is left of minimising and sanitizing).
 
 Findings never reach libFuzzer: the test function records them (deduplicated by signature)
-and returns, so fuzzing goes on; with `stop_on_first` the child exits after saving the first,
-or at the first input whose finding an earlier run on the same findings directory had found
-(reason "known finding", the signature in `FuzzStatus.known`): a rerun of the same job stops
-as soon as it meets the bug again instead of spending its budget.
-The variants (`bugs`) are handed to the executor unread. `seed` makes a run with `runs`
-reproducible; a killed run resumes from its corpus and findings directories.
+and returns, so fuzzing goes on; with `stop_on_first` the campaign ends at the first, or at the
+first input whose finding an earlier run on the same findings directory had found (reason
+"known finding", the signature in `FuzzStatus.known`): a rerun of the same job stops as soon
+as it meets the bug again instead of spending its budget. The variants (`bugs`) are handed to
+the executor unread. `seed` makes a one-worker run with
+`runs` reproducible; a killed campaign resumes from its corpus and findings directories.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
-import random
-import re
-import subprocess
-import sys
+import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
-from typing import TYPE_CHECKING
+from dataclasses import replace
+from typing import TYPE_CHECKING, Protocol
 
-from harness.errors import BackendUnavailable, ConfigError, HarnessError
+from harness.errors import BackendUnavailable, HarnessError
+from harness.fuzz.campaign import (  # noqa: F401  (the engine's public names, re-exported)
+    CPU_LIMITS,
+    FEATURE_COUNTERS,
+    INSTRUMENTED,
+    NOT_INSTRUMENTED,
+    RUN_DIR,
+    SANITIZE_DIR,
+    STATUS_EVERY_S,
+    FuzzConfig,
+    FuzzReport,
+    FuzzStatus,
+    codec_limits,
+    write_json,
+)
 from harness.fuzz.store import FindingStore, StoredFinding
-from harness.paths import check_output_dir, output_dir
+from harness.fuzz.supervisor import FuzzWorker, WorkerSpec, WorkerStatus
+from harness.paths import output_dir
 
 if TYPE_CHECKING:  # imported where used: the child must not import them uninstrumented
+    from pathlib import Path
+
+    from harness.fuzz.rundir import RunDir
     from harness.fuzz.sanitize import BackgroundSanitizer
 
-#: counters reserved for semantic features (feature ids are taken modulo this)
-FEATURE_COUNTERS = 1 << 13
-#: modules whose Python edges libFuzzer sees (the chain, its checks, the decoder)
-INSTRUMENTED = ["harness"]
-NOT_INSTRUMENTED = ["harness.fuzz.engine", "harness.fuzz.child", "harness.fuzz.store",
-                    "harness.fuzz.mutators", "harness.fuzz.minimize", "harness.corpus",
-                    "harness.cli", "harness.isolation", "harness.demo"]
-RUN_DIR = ".fuzz-run"
-#: under RUN_DIR: the sanitizer's decoded corpus entries and its batches (scratch)
-SANITIZE_DIR = "sanitize"
-#: the codec's work limits on the cpu backend (`codec.CodecLimits` fields). The CPU model's cost
-#: grows steeply with T (with the default limits a mutated case took up to 30 s, and cases over
-#: 0.5 s took half the time; with these, at most ~1 s: 3x the executions per minute), while
-#: every launch threshold stays reachable (grid.y at block_size 1: T * K > 65535)
-CPU_LIMITS = {"logits_elements": 2**18, "recv_elements": 2**17, "expert_work": 2**24}
-STATUS_EVERY_S = 0.25
-
-
-@dataclass(frozen=True)
-class FuzzConfig:
-    """One fuzz run. `seconds` or `runs` bounds it (`seconds` counts from the start of the
-    child process); `seed` None picks a fresh one (reported, so any run can be repeated);
-    `corpus_dir` None is `<findings_dir>/corpus`. `moe_mutators` off leaves libFuzzer's byte
-    mutations alone (ablation); `device_coverage` off hides the cuda backend's counters;
-    `python_coverage` off skips atheris' instrumentation. `sanitizer_every` N > 0 replays
-    every Nth new corpus entry and every new finding under compute-sanitizer's memcheck in the
-    background (0: off). `libfuzzer_args` pass through."""
-
-    backend: str = "cpu"
-    bugs: tuple[str, ...] = ()
-    seconds: float | None = 60.0
-    runs: int | None = None
-    corpus_dir: Path | None = None
-    findings_dir: Path = Path("findings")
-    seed: int | None = None
-    stop_on_first: bool = False
-    moe_mutators: bool = True
-    graph: bool = False
-    device_coverage: bool = True
-    python_coverage: bool = True
-    max_len: int | None = None
-    #: every Nth new corpus entry (and every finding) under memcheck; 0: off
-    sanitizer_every: int = 0
-    minimize: bool = True
-    minimize_seconds: float = 30.0
-    hang_timeout: float = 10.0
-    libfuzzer_args: tuple[str, ...] = ()
-    #: cases per fuzz input (`harness.fuzz.batch`, cpu backend): the input's case and
-    #: batch - 1 siblings checked as one stack; 1: one case per input
-    batch: int = 1
-
-    def resolved(self) -> FuzzConfig:
-        """Checked, with the seed and the corpus directory filled in; `ConfigError` for a
-        findings or corpus directory that is a file or cannot be made."""
-        from harness.bugs import BugSet
-
-        BugSet.of(self.bugs)  # UnknownVariant names a bad variant
-        if self.seconds is not None and self.runs is not None:
-            raise ConfigError("seconds/runs", "give a time budget or a run budget, not both")
-        if self.seconds is not None and not (math.isfinite(self.seconds) and self.seconds > 0):
-            raise ConfigError("seconds", f"the time budget must be > 0, got {self.seconds}")
-        if self.runs is not None and self.runs < 1:
-            raise ConfigError("runs", f"the run budget must be >= 1, got {self.runs}")
-        if self.seed is not None and not 1 <= self.seed < 2**31:
-            raise ConfigError("seed", f"must be in 1..2**31-1, got {self.seed} (libFuzzer reads "
-                                      "0 as 'pick one')")
-        if self.max_len is not None and self.max_len < 1:
-            raise ConfigError("max_len", f"must be >= 1, got {self.max_len}")
-        if self.graph and self.backend != "cuda":
-            raise ConfigError("graph", f"CUDA-graph mode needs the cuda backend, not "
-                                       f"'{self.backend}'")
-        if self.batch < 1:
-            raise ConfigError("batch", f"must be >= 1, got {self.batch}")
-        if self.batch > 1 and self.backend != "cpu":
-            raise ConfigError("batch", f"batched execution runs on the cpu backend, not "
-                                       f"'{self.backend}'")
-        if self.sanitizer_every < 0:
-            raise ConfigError("sanitizer_every", f"must be >= 0, got {self.sanitizer_every}")
-        seed = self.seed if self.seed is not None else random.SystemRandom().randrange(1, 2**31)
-        # a file or an unwritable place given as a directory: one line now, not a traceback
-        # after the budget (made by `fuzz`, once nothing else can refuse the run)
-        findings = check_output_dir(self.findings_dir, "findings_dir")
-        corpus = check_output_dir(self.corpus_dir if self.corpus_dir is not None
-                                  else findings / "corpus", "corpus_dir")
-        return replace(self, seed=seed, findings_dir=findings, corpus_dir=corpus,
-                       bugs=tuple(sorted(set(self.bugs))))
-
-    def to_json(self) -> dict:
-        out = asdict(self)
-        out.update(corpus_dir=str(self.corpus_dir), findings_dir=str(self.findings_dir),
-                   bugs=list(self.bugs), libfuzzer_args=list(self.libfuzzer_args))
-        return out
-
-    @classmethod
-    def from_json(cls, obj: dict) -> FuzzConfig:
-        known = {f.name for f in fields(cls)}
-        obj = {k: v for k, v in obj.items() if k in known}
-        obj.update(corpus_dir=Path(obj["corpus_dir"]), findings_dir=Path(obj["findings_dir"]),
-                   bugs=tuple(obj["bugs"]), libfuzzer_args=tuple(obj["libfuzzer_args"]))
-        return cls(**obj)
-
-
-@dataclass
-class FuzzStatus:
-    """Where a run stands: what the progress callback sees and the report is built from.
-
-    `coverage` and `features` are libFuzzer's "cov" (edges) and "ft" (features, edges and
-    counters by hit-count bucket); `semantic` the distinct semantic feature ids seen."""
-
-    seconds: float = 0.0
-    executions: int = 0
-    coverage: int = 0
-    features: int = 0
-    semantic: int = 0
-    corpus_size: int = 0
-    invalid: int = 0
-    decode_errors: int = 0
-    restarts: int = 0
-    findings: list[StoredFinding] = field(default_factory=list)
-    #: signatures hit again that an earlier run on the same findings directory had found
-    known: list[str] = field(default_factory=list)
-    #: cases replayed under memcheck (`sanitizer_every`), its error reports, cases waiting
-    sanitized: int = 0
-    sanitizer_errors: int = 0
-    sanitizer_pending: int = 0
-    done: bool = False
-    reason: str = ""
-
-    @property
-    def exec_per_s(self) -> float:
-        return self.executions / self.seconds if self.seconds > 0 else 0.0
-
-
-@dataclass
-class FuzzReport:
-    """The result of `fuzz`: the final status, every finding (this run's and, marked
-    `earlier`, those of earlier runs on the same findings directory) and where things are."""
-
-    config: FuzzConfig
-    status: FuzzStatus
-    findings: list[StoredFinding]
-    log: Path
-    minimize_errors: list[str] = field(default_factory=list)
-    #: what could not be sanitized (`sanitizer_every`), one line each
-    sanitizer_problems: list[str] = field(default_factory=list)
-
-    @property
-    def new_findings(self) -> list[StoredFinding]:
-        return [f for f in self.findings if not f.earlier]
-
-    def to_json(self) -> dict:
-        s = self.status
-        return {"seed": self.config.seed, "backend": self.config.backend,
-                "seconds": s.seconds, "executions": s.executions, "exec_per_s": s.exec_per_s,
-                "coverage": s.coverage, "features": s.features, "semantic": s.semantic,
-                "corpus_size": s.corpus_size, "restarts": s.restarts, "reason": s.reason,
-                "sanitized": s.sanitized, "sanitizer_errors": s.sanitizer_errors,
-                "findings": [f.to_json() for f in self.findings], "known": s.known,
-                "log": str(self.log)}
-
-
 Progress = Callable[[FuzzStatus], bool | None]
-
-# -- the parent --------------------------------------------------------------------------------
-
-_LIBFUZZER_LINE = re.compile(rb"cov: (\d+) ft: (\d+) corp: (\d+)/")
-_BOOTSTRAP = "import sys; from harness.fuzz.child import child_main; child_main(sys.argv[1])"
+#: seconds between counts of the corpus directory's files
+CORPUS_COUNT_EVERY_S = 2.0
 
 
-def codec_limits(backend: str):
-    """The codec limits the engine decodes and mutates with on `backend`."""
-    from harness.fuzz.codec import LIMITS
+class Worker(Protocol):
+    """What the engine drives: a local `FuzzWorker` or a Ray actor's handle."""
 
-    return replace(LIMITS, **CPU_LIMITS) if backend == "cpu" else LIMITS
+    log_path: Path
 
-
-def _write_json(path: Path, obj: dict) -> None:
-    """Atomic (temp file + rename), without fsync: status files are rewritten often."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-class _Watcher:
-    """Follows the child's status file and libFuzzer's log."""
-
-    def __init__(self, run_dir: Path, corpus_dir: Path) -> None:
-        self.status_path = run_dir / "status.json"
-        self.log_path = run_dir / "libfuzzer.log"
-        self.corpus_dir = corpus_dir
-        self.status = FuzzStatus()
-        self.error = ""
-        self._log_offset = 0
-
-    def poll(self) -> FuzzStatus:
-        obj = _read_json(self.status_path)
-        s = self.status
-        if obj is not None:
-            for key in ("seconds", "executions", "semantic", "invalid", "decode_errors",
-                        "restarts", "done", "reason"):
-                setattr(s, key, obj[key])
-            s.findings = [StoredFinding.from_json(f) for f in obj["findings"]]
-            s.known = list(obj.get("known", []))
-            self.error = obj["error"]
-        with contextlib.suppress(OSError), open(self.log_path, "rb") as log:
-            log.seek(self._log_offset)
-            chunk = log.read()
-            cut = chunk.rfind(b"\n") + 1
-            self._log_offset += cut
-            for m in _LIBFUZZER_LINE.finditer(chunk[:cut]):
-                s.coverage, s.features = int(m.group(1)), int(m.group(2))
-        with contextlib.suppress(OSError):
-            s.corpus_size = sum(1 for p in self.corpus_dir.iterdir() if p.is_file())
-        return s
-
-    def log_tail(self, chars: int = 2000) -> str:
-        with contextlib.suppress(OSError):
-            return self.log_path.read_bytes()[-chars:].decode("utf-8", "replace")
-        return ""
+    def start(self) -> None: ...
+    def poll(self) -> WorkerStatus: ...
+    def stop(self, grace: float = 10.0) -> WorkerStatus: ...
+    def rss(self) -> dict[str, float]: ...
 
 
 class _Minimizer:
     """Minimises new findings one at a time in a background thread, storing the results."""
 
-    def __init__(self, config: FuzzConfig) -> None:
+    def __init__(self, config: FuzzConfig, run_id: str) -> None:
         self.config = config
-        self.store = FindingStore(config.findings_dir, config.backend, config.bugs, config.seed)
+        self.store = FindingStore(config.findings_dir, config.backend, config.bugs, config.seed,
+                                  run=run_id)
         self.done: dict[str, StoredFinding] = {}
         self.errors: list[str] = []
         self._queue: list[str] = []
@@ -335,20 +140,33 @@ class _Minimizer:
             self._executor = None
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM (libFuzzer exits gracefully), then SIGKILL."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+class _StopSignals:
+    """SIGTERM and SIGINT ask the campaign to stop (`received` names the signal); a second
+    one raises KeyboardInterrupt (what is left is skipped). Main thread only: elsewhere
+    signals cannot be caught and this does nothing."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():  # None: a handler not installed from Python
+            signal.signal(sig, signal.SIG_DFL if old is None else old)
 
 
 def _merge_sanitizer(status: FuzzStatus, sanitizer: BackgroundSanitizer | None) -> None:
-    """The sanitizer's counters and findings into `status` (idempotent: the watcher keeps the
-    list of the last poll when the status file could not be read)."""
+    """The sanitizer's counters and findings into `status` (idempotent)."""
     if sanitizer is None:
         return
     status.sanitized, status.sanitizer_errors = sanitizer.sanitized, sanitizer.errors
@@ -358,108 +176,271 @@ def _merge_sanitizer(status: FuzzStatus, sanitizer: BackgroundSanitizer | None) 
         list(sanitizer.findings)
 
 
-def _final_status(path: Path, status: FuzzStatus) -> None:
-    """Rewrite the child's last status with the findings as they ended (minimised, with the
-    minimised case's severity): one truth for whoever reads status.json afterwards."""
-    obj = _read_json(path)
-    if obj is not None:
-        obj["findings"] = [f.to_json() for f in status.findings]
-        _write_json(path, obj)
+def _merge(status: FuzzStatus, states: list[WorkerStatus]) -> None:
+    """The workers' counters into `status`: sums, the best worker's coverage, each
+    signature once (first found)."""
+    status.executions = sum(w.executions for w in states)
+    for key in ("invalid", "decode_errors", "restarts", "fuzzer_restarts"):
+        setattr(status, key, sum(getattr(w, key) for w in states))
+    status.synced_inputs = sum(w.synced for w in states)
+    mine = {f.signature for w in states for f in w.findings}
+    status.known = list(dict.fromkeys(k for w in states for k in w.known if k not in mine))
+    for key in ("coverage", "features", "semantic"):
+        setattr(status, key, max(getattr(w, key) for w in states))
+    first: dict[str, StoredFinding] = {}
+    for w in states:
+        for f in w.findings:
+            old = first.get(f.signature)
+            if old is None or (f.seconds or 0.0) < (old.seconds or 0.0):
+                first[f.signature] = f
+    status.findings = sorted(first.values(), key=lambda f: f.seconds or 0.0)
+    status.events = [e for w in states for e in w.events]
+
+
+def _write_status(run: RunDir, status: FuzzStatus) -> None:
+    """The campaign's status.json: where it stands (rewritten with every sample) and, at the
+    end, its findings as they ended (minimised, with the minimised case's severity): one
+    truth for whoever reads the run directory afterwards (`moe-harness report`)."""
+    s = status
+    write_json(run.root / "status.json", {
+        "run_id": s.run_id, "seconds": s.seconds, "executions": s.executions,
+        "exec_per_s": s.exec_per_s, "coverage": s.coverage, "features": s.features,
+        "semantic": s.semantic, "corpus_size": s.corpus_size, "invalid": s.invalid,
+        "decode_errors": s.decode_errors, "restarts": s.restarts,
+        "fuzzer_restarts": s.fuzzer_restarts, "workers": s.workers,
+        "synced_inputs": s.synced_inputs, "findings": [f.to_json() for f in s.findings],
+        "known": s.known, "events": s.events, "done": s.done, "reason": s.reason})
+
+
+def plan_workers(config: FuzzConfig, run_id: str, started_at: float,
+                 gpu_list: list[int | None]) -> list[WorkerSpec]:
+    """One spec per worker: the run budget shared out, distinct seeds (worker 0 keeps the
+    campaign's), GPUs round-robin, the shared corpus re-read when there are several."""
+    n = config.workers or (len(gpu_list) if config.gpus else 1)
+    reload = config.reload_seconds if n > 1 else 0
+    # torch's default pool (a thread per core) in each of n processes oversubscribes the cores
+    threads = None
+    if n > 1 and config.ray is None and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // n)
+    specs = []
+    for i in range(n):
+        runs = None if config.runs is None else \
+            config.runs // n + (1 if i < config.runs % n else 0)
+        seed = config.seed if i == 0 else (config.seed + 1000003 * i) % (2**31 - 1) + 1
+        specs.append(WorkerSpec(i, config, run_id, started_at, runs, seed, reload,
+                                gpu_list[i % len(gpu_list)], threads))
+    return [s for s in specs if s.runs is None or s.runs > 0]
+
+
+def _gpus_of(config: FuzzConfig) -> list[int | None]:
+    if config.gpus is None or config.ray is not None:
+        return [None]
+    from harness.gpus import select_gpus
+
+    return list(select_gpus(config.gpus))
+
+
+def _usage(config: FuzzConfig, gpu_list: list[int | None],
+           workers: list[Worker] = ()) -> dict | None:
+    """GPU utilisation and memory on cuda: the GPUs of this host the workers use, or what
+    the Ray actors report of theirs."""
+    if config.backend != "cuda":
+        return None
+    if config.ray is not None:
+        return {k: v for w in workers for k, v in (getattr(w, "gpus", None) or {}).items()}
+    from harness import gpus
+
+    pinned = sorted({g for g in gpu_list if g is not None})
+    return gpus.usage(pinned or gpus.visible_candidates() or [0])
+
+
+def count_inputs(directory: Path) -> int:
+    """Files in a corpus directory (scandir: no stat per file, for corpora of 100k inputs)."""
+    try:
+        with os.scandir(directory) as it:
+            return sum(1 for e in it if e.is_file() and not e.name.startswith("."))
+    except OSError:
+        return 0
+
+
+def _rss(workers: list[Worker], others: bool = True) -> dict[str, float]:
+    """The parent's RSS, each worker's processes, and (`others`) the parent's other children
+    (the minimiser's and sanitizer's processes; not with Ray, whose processes are there)."""
+    from harness.fuzz.stats import children, command_line, role, rss_mb, tree_rss
+
+    out = {"parent": round(rss_mb(os.getpid()) or 0.0, 1)}
+    mine = {getattr(w, "pid", None) for w in workers}
+    for w in workers:
+        out.update(w.rss())
+    for child in children(os.getpid()) if others else ():
+        if child not in mine:
+            out.update(tree_rss(child, f"parent/{role(command_line(child))}"))
+    return out
 
 
 def fuzz(config: FuzzConfig, progress: Progress | None = None) -> FuzzReport:
-    """Run the fuzzer as `config` says; `progress(status)` is called about 4 times a second
-    and may return True to stop the run. Raises `ConfigError` for a bad configuration,
+    """Run the campaign `config` describes; `progress(status)` is called about 4 times a
+    second and may return True to stop it. Raises `ConfigError` for a bad configuration,
     `UnknownVariant` for a bad variant, `SanitizerUnavailable` (before anything starts) when
-    `sanitizer_every` is on and memcheck cannot run here, and `HarnessError` if the fuzzing
-    process fails."""
-    from harness.fuzz.sanitize import BackgroundSanitizer, check_available, is_sanitizer_signature
+    `sanitizer_every` is on and memcheck cannot run here, `BackendUnavailable` when the
+    backend cannot run and `HarnessError` when a worker keeps dying."""
+    from harness.fuzz.rundir import RunDir, running_runs
+    from harness.fuzz.sanitize import check_available
     from harness.sanitizer.run import SanitizerConfig
 
     config = config.resolved()
     if config.sanitizer_every:
         check_available(config.backend, SanitizerConfig())
+    gpu_list = _gpus_of(config)
     findings_dir, corpus_dir = config.findings_dir, config.corpus_dir
-    run_dir = findings_dir / RUN_DIR
     output_dir(findings_dir, "findings_dir")
     output_dir(corpus_dir, "corpus_dir")
-    output_dir(run_dir, "findings_dir")
-    for stale in ("status.json", "libfuzzer.log"):
-        (run_dir / stale).unlink(missing_ok=True)
     earlier = FindingStore(findings_dir, config.backend, config.bugs, config.seed).findings()
-    _write_json(run_dir / "config.json", {**config.to_json(), "started_at": time.time()})
+    started_ray = False
+    if config.ray is not None:  # before the clock starts: a new cluster takes a while
+        from harness.fuzz.cluster import connect
 
-    watcher = _Watcher(run_dir, corpus_dir)
-    minimizer = _Minimizer(config)
+        started_ray = connect(config)
+    run = RunDir.create(findings_dir)
+    started_at = time.time()
+    status = FuzzStatus(run_id=run.run_id, earlier_findings=len(earlier),
+                        resumed_inputs=count_inputs(corpus_dir))
+    others = running_runs(findings_dir, exclude=run.run_id)
+    status.concurrent_runs = others
+    write_json(run.root / "config.json", {
+        **config.to_json(), "run_id": run.run_id, "started_at": started_at, "pid": os.getpid(),
+        "resumed_inputs": status.resumed_inputs, "earlier_findings": len(earlier),
+        "concurrent_runs": others})
+    try:
+        specs = plan_workers(config, run.run_id, started_at, gpu_list)
+        status.workers = len(specs)
+        if config.ray is not None:
+            from harness.fuzz.cluster import ray_workers
+
+            workers: list[Worker] = ray_workers(config, specs, run, started_ray)
+        else:
+            workers = [FuzzWorker(s, run.worker(s.index)) for s in specs]
+        return _campaign(config, run, started_at, status, workers, gpu_list, earlier,
+                         progress)
+    finally:
+        run.close()
+
+
+def _campaign(config: FuzzConfig, run: RunDir, started_at: float, status: FuzzStatus,
+              workers: list[Worker], gpu_list: list[int | None],
+              earlier: list[StoredFinding], progress: Progress | None) -> FuzzReport:
+    """The campaign's loop: start the workers, merge their status, minimise, sanitize and
+    sample as it goes; stop them (always); minimise and sanitize what is left; report."""
+    from harness.fuzz.sanitize import BackgroundSanitizer, is_sanitizer_signature
+    from harness.fuzz.stats import StatsLog
+
+    findings_dir, corpus_dir = config.findings_dir, config.corpus_dir
+    minimizer = _Minimizer(config, run.run_id)
     sanitizer = None
-    if config.sanitizer_every:  # before the child starts: its corpus files are all new
+    if config.sanitizer_every:  # before the workers start: their corpus files are all new
         sanitizer = BackgroundSanitizer(
             config.sanitizer_every, config.backend, config.bugs,
-            FindingStore(findings_dir, config.backend, config.bugs, config.seed), corpus_dir,
-            run_dir / SANITIZE_DIR, codec_limits(config.backend))
-    # the child imports what we import (a user's target module, a checkout on PYTHONPATH)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p and os.path.exists(p))}
-    # a safety net only: the child ends itself on its budget (kernels may build at first use)
-    limit = None if config.seconds is None else \
-        config.seconds + 120.0 + (900.0 if config.backend == "cuda" else 0.0)
-    start = time.monotonic()
-    with open(watcher.log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-c", _BOOTSTRAP, str(run_dir)],
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env)
-    stopped = False
+            FindingStore(findings_dir, config.backend, config.bugs, config.seed, run=run.run_id),
+            corpus_dir, run.root / SANITIZE_DIR, codec_limits(config.backend))
+    stats = StatsLog(run.stats_path)
+
+    def own(f: StoredFinding) -> bool:  # minimised here: stored by this campaign
+        return f.run == run.run_id and not is_sanitizer_signature(f.signature)
+
+    def sample() -> None:
+        status.stats = stats.sample(status, _rss(workers, config.ray is None),
+                                    _usage(config, gpu_list, workers))
+        status.samples += 1
+        _write_status(run, status)
+
+    stopped = ""
+    error: HarnessError | None = None
+    next_sample = time.monotonic() + config.stats_every
+    next_count = 0.0
     try:
-        while proc.poll() is None:
-            time.sleep(STATUS_EVERY_S)
-            status = watcher.poll()
+        with _StopSignals() as signals:
+            for w in workers:
+                w.start()
+            while True:
+                time.sleep(STATUS_EVERY_S)
+                states = [w.poll() for w in workers]
+                _merge(status, states)
+                status.seconds = time.time() - started_at
+                if time.monotonic() >= next_count:
+                    status.corpus_size = count_inputs(corpus_dir)
+                    next_count = time.monotonic() + CORPUS_COUNT_EVERY_S
+                failed = next((w for w in states if w.error), None)
+                if failed is not None:
+                    kind = HarnessError if failed.reason == "crash loop" else BackendUnavailable
+                    error = kind(failed.error)
+                    break
+                if config.minimize:
+                    for f in status.findings:
+                        if own(f):
+                            minimizer.submit(f.signature)
+                if sanitizer is not None:
+                    sanitizer.poll(status.findings, status.seconds, status.executions)
+                    _merge_sanitizer(status, sanitizer)
+                first = next((w.reason for w in states
+                              if w.reason in ("first finding", "known finding")), None)
+                if first is not None:  # --stop-on-first: one worker's is the campaign's
+                    status.reason = first
+                    break
+                if all(w.done for w in states):
+                    break
+                if progress is not None and progress(status):
+                    stopped = "stopped"
+                    break
+                if signals.received:
+                    stopped = signals.received
+                    break
+                if time.monotonic() >= next_sample:
+                    sample()
+                    next_sample += config.stats_every
+    except KeyboardInterrupt:  # a second signal while starting or stopping
+        stopped = stopped or "SIGINT"
+    finally:
+        states = [w.stop() for w in workers]
+    _merge(status, states)
+    status.corpus_size = count_inputs(corpus_dir)
+    status.seconds = max([time.time() - started_at if stopped else 0.0] +
+                         [w.seconds for w in states if w.seconds])
+    if error is not None:
+        stats.close()
+        raise error
+    status.done = True
+    status.reason = status.reason or stopped or \
+        next((w.reason for w in states if w.reason), "run budget")
+    with _StopSignals():
+        try:
             if config.minimize:
                 for f in status.findings:
-                    if not is_sanitizer_signature(f.signature):
+                    if own(f):
                         minimizer.submit(f.signature)
-            if sanitizer is not None:
-                sanitizer.poll(status.findings, status.seconds, status.executions)
-                _merge_sanitizer(status, sanitizer)
-            if progress is not None and progress(status) and not stopped:
-                stopped = True
-                _stop(proc)
-            if limit is not None and time.monotonic() - start > limit:
-                stopped = True
-                _stop(proc)
-    except KeyboardInterrupt:  # Ctrl-C: stop the child, report what was found
-        stopped = True
-    finally:
-        _stop(proc)
-    status = watcher.poll()
-    if watcher.error:
-        raise BackendUnavailable(watcher.error)
-    if not status.done and not stopped and proc.returncode != 0:
-        raise HarnessError(f"the fuzzing process failed (exit code {proc.returncode}); log "
-                           f"{watcher.log_path}:\n{watcher.log_tail()}")
-    if not status.done:
-        status.reason = "stopped" if stopped else "run budget"
-    if config.minimize:
-        for f in status.findings:
-            if not is_sanitizer_signature(f.signature):
-                minimizer.submit(f.signature)
-    if sanitizer is not None:  # while the minimiser works
-        def tick() -> None:
-            _merge_sanitizer(status, sanitizer)
-            if progress is not None:
-                progress(status)
+            if sanitizer is not None:  # while the minimiser works
+                def tick() -> None:
+                    _merge_sanitizer(status, sanitizer)
+                    if progress is not None:
+                        progress(status)
 
-        sanitizer.wait(status.findings, status.seconds, status.executions, tick)
-        _merge_sanitizer(status, sanitizer)
-    if config.minimize:
-        minimizer.join(config.minimize_seconds * max(1, len(status.findings)) + 30)
+                sanitizer.wait(status.findings, status.seconds, status.executions, tick)
+                _merge_sanitizer(status, sanitizer)
+            if config.minimize:
+                minimizer.join(config.minimize_seconds * max(1, len(status.findings)) + 30)
+        except KeyboardInterrupt:
+            minimizer.errors.append("interrupted: minimising stopped")
     new = {f.signature: f for f in status.findings}
-    for sig, stored in minimizer.done.items():
+    for sig, stored in minimizer.done.items():  # the minimised case's severity from now on
         if sig in new:
             new[sig] = replace(new[sig], minimized=stored.minimized, severity=stored.severity)
     status.findings = list(new.values())
-    _final_status(watcher.status_path, status)
     findings = [f for f in earlier if f.signature not in new] + list(new.values())
+    sample()
+    stats.close()
     if progress is not None:
         progress(status)
-    return FuzzReport(config, status, findings, watcher.log_path, minimizer.errors,
-                      sanitizer.problems if sanitizer is not None else [])
+    report = FuzzReport(config, status, findings, workers[0].log_path, minimizer.errors,
+                        sanitizer.problems if sanitizer is not None else [], run.root)
+    with contextlib.suppress(OSError):
+        (run.root / "summary.json").write_text(json.dumps(report.to_json(), indent=1))
+    return report

@@ -3,7 +3,8 @@
 Two layouts are read, the reader being the one place that knows them:
 - one run directory per campaign, `<findings>/.fuzz-run/<run-id>/` with `config.json`,
   `status.json`, `stats.jsonl` (one sample per line: seconds, executions, exec_per_s, edges,
-  features, corpus_size, ...) and `libfuzzer.log`;
+  features, corpus_size, ...) and a directory per worker, `w<i>/` with its `libfuzzer.log`
+  (`harness.fuzz.rundir`);
 - the older single `<findings>/.fuzz-run/` with `config.json`, `status.json` and
   `libfuzzer.log` only: the samples are then libFuzzer's own status lines (`#N NEW cov: ft:
   corp: exec/s:`), indexed by executions (the log has no clock).
@@ -148,6 +149,8 @@ def read_run(path: str | os.PathLike) -> Campaign:
     config, status = _read_json(run / "config.json"), _read_json(run / "status.json")
     stats = sorted(run.glob("*.jsonl"))
     log = run / "libfuzzer.log"
+    if not log.exists():  # a campaign's own run directory: worker 0's log
+        log = run / "w0" / "libfuzzer.log"
     samples = _stats(stats[0]) if stats else _log_samples(log) if log.exists() else []
     camp = Campaign(run, config, status, samples, log=log if log.exists() else None)
     camp.findings = [dict(f, earlier=False) for f in status.get("findings", [])]
