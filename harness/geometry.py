@@ -105,6 +105,12 @@ def gating_launches(num_tokens: int, num_experts: int) -> list[Launch]:
     ]
 
 
+def grouped_gating_launches(num_tokens: int) -> list[Launch]:
+    """The grouped router (DeepSeek-V3): one block of FALLBACK_THREADS threads per row."""
+    return [Launch("gating", "grouped_topk", (max(num_tokens, 1), 1, 1),
+                   (FALLBACK_THREADS, 1, 1))]
+
+
 def dispatch_launches(ep_size: int, max_tokens_per_rank: int) -> list[Launch]:
     blocks = math.ceil(max_tokens_per_rank / 256)
     return [Launch("dispatch", "a2a_sanitize", (blocks, ep_size, ep_size), (256, 1, 1))]
@@ -190,6 +196,13 @@ INT32_MAX = 2**31 - 1
 def wrap_int32(x: torch.Tensor) -> torch.Tensor:
     """int64 values as a 32-bit multiply-add leaves them (two's complement wrap-around)."""
     return (x + 2**31).remainder(2**32) - 2**31
+
+
+def wrapped_rows(row_stride: int) -> int:
+    """How many rows before the output a 32-bit offset wrapped negative may land, in the
+    harness's storage of the first H columns per row: offsets in [-2**31, 0), truncated
+    towards zero by the row stride."""
+    return 2**31 // max(row_stride, 1) + 1
 
 
 def experts_max_offset(positions: int, row_stride: int, hidden_size: int) -> int:

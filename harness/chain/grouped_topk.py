@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from harness import geometry
 from harness.chain import StageContext
 from harness.errors import ContractError
 from harness.memory import CheckedBuffer
@@ -73,6 +74,7 @@ def grouped_topk_cpu(inp, ctx: StageContext) -> tuple[torch.Tensor, torch.Tensor
     if not 1 <= K <= TG * size:
         raise ContractError("gating", f"topk = {K} outside 1..topk_group * group size = "
                                       f"{TG * size}")
+    geometry.validate(geometry.grouped_gating_launches(T))
     ctx.cover("gating.path.grouped")
     ctx.cover(f"gating.scoring.{inp.scoring}")
     ctx.cover("gating.bias", inp.correction_bias is not None)
