@@ -429,23 +429,24 @@ def ep_windows(case: MoECase, rng: random.Random, limits: CodecLimits) -> MoECas
 
 def logical_hidden(case: MoECase, rng: random.Random, limits: CodecLimits) -> MoECase:
     """A production hidden size as the experts' row stride (their offset arithmetic; only
-    the first H columns are computed), often with T where a rank's output offsets pass
-    INT32_MAX (solved from the geometry), made cheap enough for the codec's limits; or back
-    to H."""
+    the first H columns are computed), often with T where the output offsets pass INT32_MAX
+    (solved from the geometry) after making the sizes cheap enough for that T to fit the
+    codec's limits (a wider stride, fewer experts); or back to H."""
     if case.logical_hidden_size and rng.random() < 0.2:
         return replace(case, logical_hidden_size=0)
-    S = rng.choice([2048, 4096, 7168, 8192, 14336, 16384, 65536, 131072])
-    case = replace(case, logical_hidden_size=max(S, case.hidden_size))
-    if rng.random() < 0.6:
-        case = reshape(case, limits, H=rng.choice([1, 2, 4]), E=rng.choice([8, 16, 32]),
-                       K=rng.choice([4, 8]), ep=1)
-        thresholds = dict(launch_thresholds(case.num_experts, case.topk, case.block_size,
-                                            case.ep_size, case.row_stride, case.hidden_size))
-        case = reshape(case, limits, T=thresholds["experts.int32_offset"]
-                       + rng.choice([-1, 0, 1, 2, 64]))
-        case = replace(case, logical_hidden_size=max(case.logical_hidden_size,
-                                                     case.hidden_size))
-    return case
+    strides = [2048, 4096, 7168, 8192, 14336, 16384, 65536, 131072]
+    S = rng.choice(strides)
+    if rng.random() < 0.4:
+        return replace(case, logical_hidden_size=max(S, case.hidden_size))
+    case = reshape(case, limits, H=rng.choice([1, 2, 4]), E=rng.choice([1, 2, 8, 16]),
+                   K=rng.choice([1, 4, 8]), ep=1)
+    for S in [s for s in strides if s >= S] or strides[-1:]:  # wider until T fits
+        T = dict(launch_thresholds(case.num_experts, case.topk, case.block_size, 1, S,
+                                   case.hidden_size))["experts.int32_offset"]
+        if T <= token_cap(case.num_experts, case.topk, 1, limits):
+            break
+    case = reshape(case, limits, T=T + rng.choice([0, 0, 1, 2, 64]))
+    return replace(case, logical_hidden_size=max(S, case.hidden_size))
 
 
 def simplify(case: MoECase, rng: random.Random, limits: CodecLimits) -> MoECase:
@@ -496,7 +497,7 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "disable_adapter": 1.0, "fault": 2.0, "switch_experts_path": 1.5, "token_threshold": 2.0,
     "launch_limit": 0.5, "switch_dtype": 1.0, "resize": 2.0, "routing": 1.0, "ep_layout": 1.5,
     "simplify": 2.0, "reseed": 1.0, "grouped_routing": 1.5, "ep_windows": 1.5,
-    "logical_hidden": 1.0,
+    "logical_hidden": 1.5,
 }
 
 
