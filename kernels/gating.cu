@@ -373,7 +373,192 @@ gating_block_topk(const float* __restrict__ workspace, const float* __restrict__
   cov.flush();
 }
 
+// ---- grouped routing (DeepSeek-V3 / Kimi-K2) -------------------------------------------------
+// Models vLLM's grouped_topk (csrc/moe/grouped_topk_kernels.cu, from TRT-LLM's noaux_tc
+// routing); spec: harness/chain/grouped_topk.py. One 256-thread block per row:
+// 1. scores (softmax or sigmoid, fp32, NaN/+-Inf clamped to 0) into workspace[row], selection
+//    values v = score + bias into group_scratch[row];
+// 2. group scores (thread g per group): an in-place partial selection sort of the group's
+//    slots in group_scratch, round j moving the largest of slots [base + j, base + size) to
+//    slot base + j (from -inf: an empty range writes -inf), for j = 0, 1; score = slot base +
+//    slot base + 1. Groups of one expert: fixed, the row is routed by plain top-k (vLLM PR
+//    29439); BUG_GROUPED_TOPK_TINY_GROUPS runs both rounds anyway, writing slot base + 1, past
+//    the row in the last group (and past group_scratch in the last row);
+// 3. thread 0 keeps the topk_group groups of largest score (strict '>' scan: lower index on
+//    ties);
+// 4. K rounds over the kept groups' experts: each thread's best (value, lowest index) among
+//    its experts e = t, t + 256, ..., a tree reduction as gating_block_topk; the winner masked;
+// 5. thread 0: weights = unbiased scores, renormalised (sum > 0 ? sum : 1), times the factor.
+constexpr int kGroupedMaxPerThread = 4;  // E <= 1024 = 4 * 256
+
+template <typename T>
+__global__ void __launch_bounds__(kFallbackThreads)
+grouped_topk_kernel(const T* __restrict__ logits, const float* __restrict__ bias, int E, int K,
+                    int n_group, int topk_group, int scoring, bool renormalize, float factor,
+                    int32_t* __restrict__ topk_ids, float* __restrict__ topk_weights,
+                    float* __restrict__ workspace, float* __restrict__ group_scratch,
+                    uint32_t bugs, uint32_t* coverage) {
+  __shared__ float s_warp[kFallbackThreads / kWarpSize];
+  __shared__ float s_val[kFallbackThreads];
+  __shared__ int s_key[kFallbackThreads];
+  __shared__ float s_gscore[1024];
+  __shared__ unsigned char s_keep[1024];
+  MOE_BLOCK_COVERAGE(cov, coverage);
+  cov.once(COV_GATING_GROUPED_PATH);
+  const int tid = static_cast<int>(threadIdx.x);
+  const size_t base_row = static_cast<size_t>(blockIdx.x) * E;
+  const T* src = logits + base_row;
+  float* score = workspace + base_row;
+  float* scratch = group_scratch + base_row;
+  const int size = E / n_group;
+  const bool tiny = size < 2;
+
+  // 1. scores and selection values
+  if (scoring == SCORING_SOFTMAX) {
+    float mx = -INFINITY;
+    for (int e = tid; e < E; e += kFallbackThreads) mx = fmaxf(mx, to_float<T>(src[e]));
+    mx = block_reduce(mx, s_warp, MaxOp{});
+    float sum = 0.f;
+    for (int e = tid; e < E; e += kFallbackThreads) sum += expf(to_float<T>(src[e]) - mx);
+    sum = block_reduce(sum, s_warp, SumOp{});
+    const float inv = 1.f / sum;
+    for (int e = tid; e < E; e += kFallbackThreads) {
+      const float sc = expf(to_float<T>(src[e]) - mx) * inv;
+      score[e] = isfinite(sc) ? sc : 0.f;
+    }
+  } else {
+    for (int e = tid; e < E; e += kFallbackThreads) {
+      const float sc = sigmoid_score(to_float<T>(src[e]));
+      score[e] = isfinite(sc) ? sc : 0.f;
+    }
+  }
+  float mine[kGroupedMaxPerThread];  // this thread's selection values
+#pragma unroll
+  for (int i = 0; i < kGroupedMaxPerThread; ++i) {
+    const int e = tid + i * kFallbackThreads;
+    mine[i] = e < E ? score[e] + (bias != nullptr ? bias[e] : 0.f) : -INFINITY;
+    if (e < E) scratch[e] = mine[i];
+  }
+  __syncthreads();
+
+  // 2.-3. group scores and the kept groups
+  const bool tiny_bug = tiny && (bugs & BUG_GROUPED_TOPK_TINY_GROUPS) != 0u;
+  if (tiny && tid == 0) cov.add(COV_GATING_GROUPED_TINY_GROUPS);
+  if (!tiny || tiny_bug) {
+    for (int g = tid; g < n_group; g += kFallbackThreads) {
+      const int base = g * size;
+      for (int j = 0; j < 2; ++j) {
+        float best = -INFINITY;
+        int at = base + j;
+        for (int i = base + j; i < base + size; ++i) {
+          if (scratch[i] > best) {
+            best = scratch[i];
+            at = i;
+          }
+        }
+        if (at != base + j) scratch[at] = scratch[base + j];
+        scratch[base + j] = best;  // a group of one: slot base + 1 is not the group's
+      }
+      s_gscore[g] = scratch[base] + scratch[base + 1];
+    }
+  }
+  __syncthreads();
+  if (tid == 0) {
+    for (int g = 0; g < n_group; ++g) s_keep[g] = tiny ? 1 : 0;
+    for (int r = 0; r < topk_group && !tiny; ++r) {
+      int pick = -1;
+      float best = 0.f;
+      for (int g = 0; g < n_group; ++g) {
+        if (!s_keep[g] && (pick < 0 || s_gscore[g] > best)) {
+          pick = g;
+          best = s_gscore[g];
+        }
+      }
+      s_keep[pick] = 1;
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < kGroupedMaxPerThread; ++i) {
+    const int e = tid + i * kFallbackThreads;
+    if (e < E && !s_keep[e / size]) mine[i] = -INFINITY;
+  }
+
+  // 4.-5. the K rounds, then the weights
+  int32_t* ids = topk_ids + static_cast<size_t>(blockIdx.x) * K;
+  float* weights = topk_weights + static_cast<size_t>(blockIdx.x) * K;
+  float total = 0.f;
+  for (int k = 0; k < K; ++k) {
+    float best = -INFINITY;
+    int best_key = E;
+#pragma unroll
+    for (int i = 0; i < kGroupedMaxPerThread; ++i) {
+      const int e = tid + i * kFallbackThreads;
+      if (e < E && (mine[i] > best || (mine[i] == best && e < best_key))) {
+        best = mine[i];
+        best_key = e;
+      }
+    }
+    s_val[tid] = best;
+    s_key[tid] = best_key;
+    __syncthreads();
+    for (int stride = kFallbackThreads / 2; stride > 0; stride /= 2) {
+      if (tid < stride) {
+        const float other = s_val[tid + stride];
+        const int other_key = s_key[tid + stride];
+        if (other > s_val[tid] || (other == s_val[tid] && other_key < s_key[tid])) {
+          s_val[tid] = other;
+          s_key[tid] = other_key;
+        }
+      }
+      __syncthreads();
+    }
+    const int winner = s_key[0];
+    if (tid == 0) {
+      const float w = score[winner];
+      ids[k] = winner;
+      weights[k] = w;
+      total += w;
+    }
+    if (winner % kFallbackThreads == tid) mine[winner / kFallbackThreads] = -INFINITY;
+    __syncthreads();
+  }
+  if (tid == 0) {
+    const float denom = renormalize ? (total > 0.f ? total : 1.f) : 1.f;
+    for (int k = 0; k < K; ++k) {
+      float w = renormalize ? weights[k] / denom : weights[k];
+      if (factor != 1.f) w = w * factor;
+      weights[k] = w;
+    }
+    if (renormalize && !(total > 0.f)) cov.add(COV_GATING_RENORM_ZERO_SUM);
+  }
+  cov.flush();
+}
+
 }  // namespace
+
+cudaError_t launch_grouped_gating(const void* logits, int dtype, const float* bias, int T, int E,
+                                  int K, int n_group, int topk_group, int scoring,
+                                  bool renormalize, float routed_scaling_factor,
+                                  int32_t* topk_ids, float* topk_weights, float* workspace,
+                                  float* group_scratch, uint32_t bugs, uint32_t* coverage,
+                                  cudaStream_t stream) {
+  if (E < 1 || E > kGroupedMaxPerThread * kFallbackThreads || n_group < 1 || E % n_group != 0 ||
+      topk_group < 1 || topk_group > n_group || K < 1 || K > topk_group * (E / n_group) ||
+      T < 0 || workspace == nullptr || group_scratch == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  if (scoring != SCORING_SOFTMAX && scoring != SCORING_SIGMOID) return cudaErrorInvalidValue;
+  if (T == 0) return cudaSuccess;
+  const bool known = dispatch_dtype(dtype, [&](auto tag) {
+    using Elem = typename decltype(tag)::type;
+    grouped_topk_kernel<Elem><<<T, kFallbackThreads, 0, stream>>>(
+        static_cast<const Elem*>(logits), bias, E, K, n_group, topk_group, scoring, renormalize,
+        routed_scaling_factor, topk_ids, topk_weights, workspace, group_scratch, bugs,
+        coverage);
+  });
+  return known ? launch_status() : cudaErrorInvalidValue;
+}
 
 cudaError_t launch_gating(const void* logits, int dtype, const float* bias, int T, int E, int K,
                           int scoring, bool renormalize, int32_t* topk_ids, float* topk_weights,

@@ -224,3 +224,48 @@ def test_speed_of_small_cases_is_reported():
             decode(encode(case, strict=False))
     per = (time.perf_counter() - start) / (n * len(cases))
     print(f"encode + decode of a small case: {per * 1e6:.0f} us")
+
+
+# -- appended fields: grouped routing, EP windows, logical hidden size ---------------------------
+
+
+def test_appended_fields_round_trip():
+    for case in (MoECase(16, 8, 2, n_group=4, topk_group=2, routed_scaling_factor=2.5),
+                 MoECase(16, 8, 2, n_group=8, topk_group=3, routed_scaling_factor=0.123),
+                 MoECase(9, 8, 2, ep_size=2, local_expert_offset=(0, 7),
+                         local_num_experts=(4, 900)),
+                 MoECase(9, 8, 2, hidden_size=4, logical_hidden_size=7168),
+                 MoECase(9, 8, 2, logical_hidden_size=99_999)):
+        assert difference(case, decode(encode(case))) is None, case
+
+
+def test_cases_without_the_new_fields_keep_their_bytes():
+    """A case at the new fields' defaults writes no byte for them (the encoder drops trailing
+    zeros), so inputs written before the fields existed decode to the same case."""
+    for case in demo_cases().values():
+        if case.n_group or case.has_windows or case.logical_hidden_size:
+            continue
+        data = encode(case, strict=False, limits=LARGE_LIMITS)
+        assert decode(data + b"\0" * 8, LARGE_LIMITS).n_group == 0
+        grouped = case.replace(n_group=1, topk_group=1)
+        assert encode(grouped, strict=False, limits=LARGE_LIMITS)[:len(data)] == data
+
+
+def test_decoder_repairs_grouped_routing_and_windows():
+    grouped = MoECase(16, 8, 4, n_group=4, topk_group=1)  # K=4 > 1 group of 2: invalid
+    fixed = decode(encode(grouped, strict=False))
+    assert fixed.n_group == 4 and fixed.topk_group == 2
+    regrouped = decode(encode(grouped.replace(num_experts=6), strict=False))
+    assert regrouped.n_group in (0, *codec.divisors(6))
+    both = MoECase(16, 8, 2, ep_size=2, expert_to_rank=(0, 1) * 4,
+                   local_expert_offset=(0, 4), local_num_experts=(4, 4))  # invalid: both
+    fixed = decode(encode(both, strict=False))
+    assert fixed.expert_to_rank is None and fixed.local_expert_offset == (0, 4)
+
+
+def test_new_thresholds_come_after_the_codec_selectors():
+    names = [n for n, _ in launch_thresholds(8, 8, 16, 1, 7168, 1)]
+    assert names[:4] == ["sort_align.three_step", "dispatch.second_block", "experts.grid_y",
+                         "experts.grid_y_x2"]
+    assert names[4:] == ["finalize.pairs_16bit", "experts.int32_offset"]
+    assert dict(launch_thresholds(8, 8, 16))["finalize.pairs_16bit"] == 8192
