@@ -68,7 +68,7 @@ T* ptr(const Tensor& t) {
 uint32_t* coverage_ptr(const std::optional<Tensor>& coverage, const c10::Device& device) {
   if (!coverage.has_value()) return nullptr;
   check_tensor(*coverage, "coverage", at::kInt, device);
-  check_numel(*coverage, "coverage", mh::COV_WORDS);
+  check_numel(*coverage, "coverage", mh::COV_BUFFER_WORDS);
   return static_cast<uint32_t*>(coverage->data_ptr());  // int32 storage, uint32 flag words
 }
 
@@ -379,7 +379,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_align", &lora_align, "LoRA align (both kernels) over num_slots blocks");
   m.def("coverage_slot_names", &coverage_slot_names, "names of the device coverage slots");
   m.attr("num_coverage_slots") = static_cast<int>(mh::COV_NUM_SLOTS);
-  m.attr("coverage_words") = static_cast<int>(mh::COV_WORDS);  // flag words of a buffer
+  m.attr("coverage_words") = static_cast<int>(mh::COV_BUFFER_WORDS);  // uint32 words of a buffer
   m.attr("coverage_compiled") = mh::kCoverageCompiled;  // false: -DMOE_HARNESS_NO_COVERAGE
   m.def("redzone_selftest", &redzone_selftest,
         "test only: a kernel writing out[0..numel], one element past the end");

@@ -4,7 +4,8 @@
 // API
 // ---
 // Coverage (slots: CoverageSlot in moe_harness.h; `coverage` may be nullptr = off). `coverage`
-// points to COV_WORDS uint32 flag words; bit i of a word = slot i was taken. Each thread keeps
+// points to COV_WORDS 64-bit flag words, each stored as two uint32 (low half first: slots
+// 0-31, then 32-63); bit i of a lane's word = slot i was taken. Each thread keeps
 // its own flag word in a register; at the end the block ORs them into one word (a warp
 // reduction, one shared atomicOr per warp) and ORs that into coverage[block % COV_WORDS] with
 // ONE global atomicOr per block. The host counts, per slot, the words with its bit: how many
@@ -48,26 +49,26 @@ namespace moe_harness {
 
 class BlockCoverage {
  public:
-  __device__ BlockCoverage(uint32_t* global, uint32_t* shared)
-      : global_(kCoverageCompiled ? global : nullptr), s_(shared), flags_(0u) {
+  __device__ BlockCoverage(uint32_t* global, unsigned long long* shared)
+      : global_(kCoverageCompiled ? global : nullptr), s_(shared), flags_(0ull) {
     // made visible to every warp by flush()'s first barrier
-    if (on() && linear_tid() == 0) *s_ = 0u;
+    if (on() && linear_tid() == 0) *s_ = 0ull;
   }
 
   __device__ __forceinline__ bool on() const { return kCoverageCompiled && global_ != nullptr; }
 
   __device__ __forceinline__ void add(int slot, uint32_t n = 1u) {
-    if (on()) flags_ |= static_cast<uint32_t>(n != 0u) << slot;
+    if (on()) flags_ |= static_cast<unsigned long long>(n != 0u) << slot;
   }
 
   __device__ __forceinline__ void count(int slot, bool pred) {
-    if (on()) flags_ |= static_cast<uint32_t>(pred) << slot;
+    if (on()) flags_ |= static_cast<unsigned long long>(pred) << slot;
   }
 
   __device__ __forceinline__ void once(int slot) {
     if (on() && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 &&
         linear_tid() == 0) {
-      flags_ |= 1u << slot;
+      flags_ |= 1ull << slot;
     }
   }
 
@@ -77,24 +78,31 @@ class BlockCoverage {
     const int nthreads = static_cast<int>(blockDim.x * blockDim.y * blockDim.z);
     // the lanes converged here OR their words (a group that arrives apart ORs its own)
     const unsigned active = __activemask();
+    const uint32_t lo = static_cast<uint32_t>(flags_);
+    const uint32_t hi = static_cast<uint32_t>(flags_ >> 32);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    const uint32_t warp_flags = __reduce_or_sync(active, flags_);
+    const unsigned long long warp_flags =
+        (static_cast<unsigned long long>(__reduce_or_sync(active, hi)) << 32) |
+        __reduce_or_sync(active, lo);
 #else
-    uint32_t warp_flags = flags_;
+    uint32_t warp_lo = lo, warp_hi = hi;
     for (int lane = 0; lane < 32; ++lane) {
-      if ((active >> lane) & 1u) warp_flags |= __shfl_sync(active, flags_, lane);
+      if ((active >> lane) & 1u) {
+        warp_lo |= __shfl_sync(active, lo, lane);
+        warp_hi |= __shfl_sync(active, hi, lane);
+      }
     }
+    const unsigned long long warp_flags = (static_cast<unsigned long long>(warp_hi) << 32) | warp_lo;
 #endif
     const bool leader = (tid & 31) == __ffs(active) - 1;
-    uint32_t* target = &global_[block_lane()];
     if (nthreads <= 32) {  // one warp (uniform per block): straight to global
-      if (leader && warp_flags != 0u) atomicOr(target, warp_flags);
+      if (leader) publish(warp_flags);
       return;
     }
     __syncthreads();  // thread 0's zero is visible
-    if (leader && warp_flags != 0u) atomicOr(s_, warp_flags);
+    if (leader && warp_flags != 0ull) atomicOr(s_, warp_flags);
     __syncthreads();
-    if (tid == 0 && *s_ != 0u) atomicOr(target, *s_);
+    if (tid == 0) publish(*s_);
   }
 
  private:
@@ -107,9 +115,17 @@ class BlockCoverage {
                             static_cast<unsigned>(COV_WORDS));
   }
 
+  // the block's word into its lane: one global atomicOr per non-empty half (slots 32-63 are
+  // the rarer paths: most blocks send one)
+  __device__ __forceinline__ void publish(unsigned long long flags) const {
+    uint32_t* lane = &global_[COV_HALVES * block_lane()];
+    if (static_cast<uint32_t>(flags) != 0u) atomicOr(lane, static_cast<uint32_t>(flags));
+    if ((flags >> 32) != 0ull) atomicOr(lane + 1, static_cast<uint32_t>(flags >> 32));
+  }
+
   uint32_t* global_;
-  uint32_t* s_;
-  uint32_t flags_;
+  unsigned long long* s_;
+  unsigned long long flags_;
 };
 
 // Declares `name`, a BlockCoverage over a fresh __shared__ flag word, in a kernel body (no
@@ -119,7 +135,7 @@ class BlockCoverage {
   ::moe_harness::BlockCoverage name((coverage_ptr), nullptr)
 #else
 #define MOE_BLOCK_COVERAGE(name, coverage_ptr)  \
-  __shared__ uint32_t name##_word_;              \
+  __shared__ unsigned long long name##_word_;    \
   ::moe_harness::BlockCoverage name((coverage_ptr), &name##_word_)
 #endif
 

@@ -6,8 +6,9 @@
 // (cudaGetLastError after the launch; no synchronisation). Grid sizes that the Python side
 // computes (harness/chain/geometry.py, shared with the CPU model) are passed in explicitly.
 // `bugs` is a bitmask of BugBit: one build serves every variant. `coverage` points to
-// COV_WORDS uint32 flag words in global memory, zeroed by the caller (may be nullptr:
-// instrumentation off): block b ORs the bits of the slots it took into word b % COV_WORDS.
+// COV_BUFFER_WORDS uint32 words in global memory, zeroed by the caller (may be nullptr:
+// instrumentation off): block b ORs the bits of the slots it took into the 64-bit flag word of
+// lane b % COV_WORDS (two uint32 words: slots 0-31, then 32-63).
 // No PyTorch headers here or in the kernels: the binding (binding.cpp) is the only C++ that
 // knows torch.
 #pragma once
@@ -74,10 +75,13 @@ enum CoverageSlot : int {
 #undef MOE_COV_ENUM
   COV_NUM_SLOTS
 };
-static_assert(COV_NUM_SLOTS <= 32, "one bit per coverage slot in a 32-bit flag word");
+static_assert(COV_NUM_SLOTS <= 64, "one bit per coverage slot in a 64-bit flag word");
 
-// Flag words of the coverage buffer: block lanes (block index mod COV_WORDS).
+// Flag words of the coverage buffer: block lanes (block index mod COV_WORDS), each a 64-bit
+// flag word stored as COV_HALVES uint32 words (low half first).
 constexpr int COV_WORDS = 32;
+constexpr int COV_HALVES = 2;
+constexpr int COV_BUFFER_WORDS = COV_WORDS * COV_HALVES;
 
 // ---- launchers ---------------------------------------------------------------------------
 

@@ -184,8 +184,9 @@ class FakeExtension:
                          _ctx(bugs & ~flag))
         ids.copy_(out.topk_ids)
         weights.copy_(out.topk_weights)
-        if coverage is not None:
-            coverage[header_slot_names().index("GATING_GROUPED_PATH")] += 1
+        if coverage is not None:  # block 0's flag word, slots 32-63 in its high half
+            slot = header_slot_names().index("GATING_GROUPED_PATH")
+            coverage[slot // 32] |= 1 << (slot % 32)
         if tiny and bugs & flag:
             scratch.as_strided((1,), (1,), scratch.storage_offset() + scratch.numel()).fill_(
                 float("-inf"))
@@ -377,13 +378,14 @@ def test_unchecked_lora_rows_land_in_sized_redzones(lora_id):
 
 
 def test_coverage_counts_are_block_lanes_per_slot():
-    words = torch.zeros(COVERAGE_WORDS, dtype=torch.int32)
+    words = torch.zeros(2 * COVERAGE_WORDS, dtype=torch.int32)  # a lane: low half, high half
     words[0] = 0b101
-    words[7] = 0b100
-    words[31] = -2**31  # bit 31 (the word is uint32 on the device)
-    counts = coverage_counts(words, 32)
+    words[2 * 7] = 0b100
+    words[2 * 31] = -2**31  # bit 31 (the word is uint32 on the device)
+    words[2 * 3 + 1] = 0b10  # slot 33, in lane 3's high half
+    counts = coverage_counts(words, 40)
     assert counts[0] == 1 and counts[1] == 0 and counts[2] == 2 and counts[31] == 1
-    assert sum(counts) == 4
+    assert counts[33] == 1 and sum(counts) == 5
 
 
 def test_sticky_error_marks_target_unusable(fake_target):

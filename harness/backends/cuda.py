@@ -50,17 +50,20 @@ _STICKY = ("illegal memory access", "illegal address", "misaligned address",
            "illegal instruction", "unspecified launch failure", "device-side assert")
 
 
-#: flag words of a device coverage buffer (kernels/moe_harness.h COV_WORDS): block b ORs the
-#: bits of the slots it took into word b % COVERAGE_WORDS, one atomicOr per block
+#: block lanes of a device coverage buffer (kernels/moe_harness.h COV_WORDS): block b ORs the
+#: bits of the slots it took into the 64-bit flag word of lane b % COVERAGE_WORDS
 COVERAGE_WORDS = 32
+#: the buffer's uint32 words: each lane's flag word as two halves, low first (COV_BUFFER_WORDS)
+COVERAGE_BUFFER_WORDS = 2 * COVERAGE_WORDS
 
 
 def coverage_counts(words: torch.Tensor, num_slots: int) -> list[int]:
-    """Per coverage slot, how many flag words hold its bit: the number of block lanes (blocks
-    mod COVERAGE_WORDS) that took the branch, 0..COVERAGE_WORDS (`words`: the int32 buffer, on
-    the host)."""
-    w = words.long() & 0xFFFFFFFF
-    return ((w[:, None] >> torch.arange(num_slots)) & 1).sum(0).tolist()
+    """Per coverage slot, how many lanes' flag words hold its bit: the number of block lanes
+    (blocks mod COVERAGE_WORDS) that took the branch, 0..COVERAGE_WORDS (`words`: the int32
+    buffer, on the host, two words a lane)."""
+    w = (words.long() & 0xFFFFFFFF).view(-1, 2)
+    flags = w[:, 0] | (w[:, 1] << 32)
+    return ((flags[:, None] >> torch.arange(num_slots)) & 1).sum(0).tolist()
 
 
 def bug_mask(bugs: BugSet) -> int:
@@ -222,7 +225,7 @@ class CudaTarget(Target):
         #: redzones and poison (False: plain allocations, so compute-sanitizer alone checks)
         self.checks = checks
         self.slot_names = [f"cuda.{n.lower()}" for n in self.ext.coverage_slot_names()]
-        self.coverage_words = int(getattr(self.ext, "coverage_words", COVERAGE_WORDS))
+        self.coverage_words = int(getattr(self.ext, "coverage_words", COVERAGE_BUFFER_WORDS))
         self.limits = geometry.DeviceLimits()
         if self.device.type == "cuda":
             props = torch.cuda.get_device_properties(self.device)
