@@ -57,12 +57,6 @@ def unstackable(case: MoECase, bugs: BugSet, batch: int) -> str | None:
     o = case.overrides
     if case.ep_size != 1:
         return "expert parallelism"
-    if case.n_group or case.routed_scaling_factor != 1.0:
-        return "grouped top-k routing"
-    if case.local_expert_offset is not None or case.local_num_experts is not None:
-        return "expert-parallel windows"
-    if case.logical_hidden_size:
-        return "a logical hidden size"
     if any(f.boundary != "gating" for f in case.faults):
         return "faults after gating"
     if o.recv_counters is not None or o.token_lora_mapping is not None \
