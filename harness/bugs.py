@@ -75,46 +75,6 @@ VARIANTS: dict[str, BugVariant] = {
             "is sorted with its never-written offsets",
             ("lora_align:illegal-access",),
         ),
-        BugVariant(
-            "grouped-topk-tiny-groups", "gating", "vLLM PR 29439",
-            "grouped top-k with one expert per group: the group score takes the top 2 of a "
-            "group of 1, and the in-place top-2 writes the group's second slot, past the row "
-            "(the fix routes such layers by plain top-k)",
-            ("gating:illegal-access",),
-        ),
-        BugVariant(
-            "expert-map-stale-ids", "sort_align", "vLLM issue 41834",
-            "topk_ids from torch.empty (CUDA-graph padding rows) keep stale positive ids; the "
-            "guard before expert_map[id] is a sign check only, so an id >= num_experts reads "
-            "past the table",
-            ("sort_align:illegal-access",),
-        ),
-        BugVariant(
-            "ep-window-unchecked", "sort_align", "FlashInfer PR 1469",
-            "local_expert_offset + local_num_experts > num_experts is not rejected: the "
-            "per-expert count histogram over the global ids is written past its end",
-            ("sort_align:illegal-access",),
-        ),
-        BugVariant(
-            "histogram-undersized", "sort_align", "TensorRT-LLM PR 5519",
-            "the three-step sort's expert-count histogram is allocated from the expert count "
-            "(2 * E_l rounded up to 256) but cleared over 2 * the thread count: E_l <= 128 "
-            "overruns it (T > 256 only)",
-            ("sort_align:illegal-access",),
-        ),
-        BugVariant(
-            "int32-offset-overflow", "experts", "SGLang PR 4727, vLLM PR 50220",
-            "the experts kernel computes row * stride in 32 bits: above ~37k tokens at hidden "
-            "7168, top-k 8, the output offset wraps negative and the store lands before the "
-            "buffer",
-            ("experts:illegal-access",),
-        ),
-        BugVariant(
-            "grid-z-overflow", "finalize", "FreeToken issue 186",
-            "the unpermute-reduce is launched one CTA per (token, top-k) pair on grid.z (max "
-            "65535): 8192 tokens at top-k 8 fail the launch",
-            ("finalize:launch-config",),
-        ),
     )
 }
 

@@ -58,13 +58,6 @@ MAX_TOPK = 32
 MAX_HIDDEN = 256
 MAX_EP = 64
 MAX_LORAS = 64
-#: the largest row stride the experts' offset arithmetic may be given (`logical_hidden_size`):
-#: hidden sizes of production MoE layers are 2,048..16,384, fused intermediate widths more
-MAX_LOGICAL_HIDDEN = 1 << 17
-#: routed_scaling_factor range: DeepSeek-V3 uses 2.5, Kimi-K2 2.827
-MAX_ROUTED_SCALING = 1e4
-#: int32 range of the kernels' 32-bit offsets
-INT32_MAX = 2**31 - 1
 #: the value the warp top-k kernels write over a chosen expert: a correction bias must stay
 #: above it (and be a number) for the selection to be defined
 BIAS_FLOOR = -10000.0
@@ -174,22 +167,6 @@ class MoECase:
     (0 switches the LoRA stage off). graph_padding: what rows T..S-1 hold when the chain runs
     as a CUDA graph captured for S >= T rows (`harness.backends.cuda_graph`): zeros, NaN, or
     whatever the previous replay left there; ignored by the eager backends.
-
-    Grouped routing (DeepSeek-V3 / Kimi-K2, vLLM's `grouped_topk`): n_group >= 1 splits the
-    E experts into n_group groups of E / n_group (n_group must divide E), keeps the topk_group
-    groups with the largest group score (the sum of a group's top-2 biased scores) and selects
-    the K experts among them; weights are the unbiased scores, renormalised if asked, times
-    routed_scaling_factor. n_group = 0 (the default) is the plain top-k router, where
-    topk_group must be 0 and routed_scaling_factor 1.
-
-    Expert-parallel windows (FlashInfer / TRT-LLM form): local_expert_offset[r] and
-    local_num_experts[r] give rank r the experts [offset, offset + num), local id = global id -
-    offset, instead of the placement `expert_to_rank` and its expert_map (both None: the
-    contiguous default). Legal windows partition [0, E); others are out of contract.
-
-    logical_hidden_size S >= H (0: S = H) is the row stride the experts kernel's offset
-    arithmetic uses for its output (`row * S + column`): a production hidden size whose
-    offsets may pass int32, with only the first H columns of each row computed and stored.
     """
 
     num_tokens: int
@@ -214,12 +191,6 @@ class MoECase:
     overrides: Overrides = field(default_factory=Overrides)
     faults: tuple[Fault, ...] = ()
     graph_padding: GraphPadding = "zero"
-    n_group: int = 0
-    topk_group: int = 0
-    routed_scaling_factor: float = 1.0
-    local_expert_offset: tuple[int, ...] | None = None
-    local_num_experts: tuple[int, ...] | None = None
-    logical_hidden_size: int = 0
 
     # -- derived configuration -------------------------------------------------------------
 
@@ -236,51 +207,24 @@ class MoECase:
         """max_tokens_per_rank, defaulted."""
         return self.max_tokens_per_rank or self.tokens_per_rank
 
-    @property
-    def has_windows(self) -> bool:
-        """Whether expert placement is given as EP windows (local_expert_offset / _num_)."""
-        return self.local_expert_offset is not None
-
-    @property
-    def row_stride(self) -> int:
-        """The experts output's row stride in the offset arithmetic (logical_hidden_size or H)."""
-        return self.logical_hidden_size or self.hidden_size
-
     def rank_of_expert(self) -> torch.Tensor:
-        """[E] int32: the rank that owns each expert (-1: none; with EP windows, the first
-        rank whose window holds it)."""
-        if self.has_windows:
-            out = torch.full((self.num_experts,), -1, dtype=torch.int32)
-            for r in reversed(range(self.ep_size)):
-                lo = min(self.local_expert_offset[r], self.num_experts)
-                hi = min(lo + self.local_num_experts[r], self.num_experts)
-                out[lo:hi] = r
-            return out
+        """[E] int32: the rank that owns each expert."""
         if self.expert_to_rank is not None:
             return torch.tensor(self.expert_to_rank, dtype=torch.int32)
         per = math.ceil(self.num_experts / self.ep_size)
         return (torch.arange(self.num_experts, dtype=torch.int32) // per).to(torch.int32)
 
     def expert_map(self) -> torch.Tensor:
-        """[ep_size, E] int32: each rank's global -> local expert id, -1 where not owned
-        (with EP windows: id - offset inside the rank's window, each rank on its own)."""
-        out = torch.full((self.ep_size, self.num_experts), -1, dtype=torch.int32)
-        if self.has_windows:
-            for r in range(self.ep_size):
-                lo = min(self.local_expert_offset[r], self.num_experts)
-                hi = min(lo + self.local_num_experts[r], self.num_experts)
-                out[r, lo:hi] = torch.arange(hi - lo, dtype=torch.int32)
-            return out
+        """[ep_size, E] int32: each rank's global -> local expert id, -1 where not owned."""
         owner = self.rank_of_expert().long()
+        out = torch.full((self.ep_size, self.num_experts), -1, dtype=torch.int32)
         for r in range(self.ep_size):
             mine = torch.nonzero(owner == r).flatten()
             out[r, mine] = torch.arange(mine.numel(), dtype=torch.int32)
         return out
 
     def local_experts(self) -> list[int]:
-        """Number of experts each rank owns (with EP windows: local_num_experts as given)."""
-        if self.has_windows:
-            return list(self.local_num_experts)
+        """Number of experts each rank owns."""
         owner = self.rank_of_expert().long()
         return [int((owner == r).sum()) for r in range(self.ep_size)]
 
@@ -301,8 +245,7 @@ class MoECase:
         ep, M, bs, L = self.ep_size, self.recv_slots, self.block_size, self.max_loras
         recv = ("max_tokens_per_rank" if self.max_tokens_per_rank is not None
                 else "ep_size" if ep > 1 else "num_tokens")
-        local = (max(self.local_num_experts) if self.has_windows  # the fullest rank's experts
-                 else -(-E // ep) if self.expert_to_rank is None
+        local = (-(-E // ep) if self.expert_to_rank is None  # experts of the fullest rank
                  else max(collections.Counter(self.expert_to_rank).values()))
         padded = max_num_tokens_padded(ep * M, K, local, bs)  # a rank's sorted_token_ids
         bufs = [BufferEstimate("gating_logits", (T, E), 1, 4, "num_tokens"),
@@ -388,14 +331,6 @@ class MoECase:
                  f"must have max_loras = {self.max_loras} entries, got {len(self.adapter_enabled)}")
         need(self.graph_padding in GRAPH_PADDINGS, "graph_padding",
              f"must be one of {GRAPH_PADDINGS}, got {self.graph_padding!r}")
-        self._validate_routing(need)
-        self._validate_windows(need)
-        S = self.logical_hidden_size
-        need(isinstance(S, int) and not isinstance(S, bool), "logical_hidden_size",
-             f"must be an int, got {S!r}")
-        need(S == 0 or self.hidden_size <= S <= MAX_LOGICAL_HIDDEN, "logical_hidden_size",
-             f"must be 0 or in hidden_size..{MAX_LOGICAL_HIDDEN} = "
-             f"{self.hidden_size}..{MAX_LOGICAL_HIDDEN}, got {S}")
         self._validate_memory()
         self._validate_sources()
         self._validate_overrides()
@@ -413,62 +348,6 @@ class MoECase:
             need(f.seed >= 0, name, "seed must be >= 0")
         object.__setattr__(self, "_valid", True)
         return self
-
-    def _validate_routing(self, need) -> None:
-        """Grouped routing: n_group divides E, topk_group in 1..n_group, K within the kept
-        groups' experts; the plain router (n_group 0) takes neither option."""
-        E, K, G, TG = self.num_experts, self.topk, self.n_group, self.topk_group
-        for name in ("n_group", "topk_group"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool), name, f"must be an int, got {v!r}")
-        f = self.routed_scaling_factor
-        need(isinstance(f, int | float) and not isinstance(f, bool), "routed_scaling_factor",
-             f"must be a number, got {f!r}")
-        need(math.isfinite(f) and 0 < f <= MAX_ROUTED_SCALING, "routed_scaling_factor",
-             f"must be in (0, {MAX_ROUTED_SCALING:g}], got {f!r}")
-        if G == 0:
-            need(TG == 0, "topk_group", f"must be 0 without grouped routing (n_group 0), got {TG}")
-            need(f == 1.0, "routed_scaling_factor",
-                 f"must be 1 without grouped routing (n_group 0), got {f!r}")
-            return
-        need(1 <= G <= E and E % G == 0, "n_group",
-             f"must be 0 or a divisor of num_experts = {E}, got {G}")
-        need(1 <= TG <= G, "topk_group", f"must be in 1..n_group = {G}, got {TG}")
-        need(K <= TG * (E // G), "topk",
-             f"must be at most topk_group * experts per group = {TG * (E // G)}, got {K}")
-
-    def _validate_windows(self, need) -> None:
-        """EP windows: both or neither, one (offset, count) per rank, not beside
-        expert_to_rank; the values are free (a window past E is out of contract, not
-        invalid: the launcher must reject it)."""
-        offsets, counts = self.local_expert_offset, self.local_num_experts
-        need((offsets is None) == (counts is None), "local_num_experts",
-             "local_expert_offset and local_num_experts go together")
-        if offsets is None:
-            return
-        need(self.expert_to_rank is None, "local_expert_offset",
-             "EP windows replace expert_to_rank: give one or the other")
-        for name, v in (("local_expert_offset", offsets), ("local_num_experts", counts)):
-            need(isinstance(v, tuple) and len(v) == self.ep_size, name,
-                 f"must have ep_size = {self.ep_size} entries")
-            need(all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_EXPERTS
-                     for x in v), name, f"entries must be ints in 0..{MAX_EXPERTS}")
-
-    def window_violations(self) -> list[str]:
-        """Why the EP windows are not a partition of [0, E) (empty without windows)."""
-        if not self.has_windows:
-            return []
-        E = self.num_experts
-        out = []
-        spans = list(zip(self.local_expert_offset, self.local_num_experts, strict=True))
-        if any(o + n > E for o, n in spans):
-            out.append("local_expert_offset + local_num_experts > num_experts on a rank")
-        covered = torch.zeros(E + 1, dtype=torch.int32)
-        for o, n in spans:
-            covered[min(o, E):min(o + n, E)] += 1
-        if not bool((covered[:E] == 1).all()):
-            out.append("EP windows overlap or leave experts unowned")
-        return out
 
     def _validate_sources(self) -> None:
         T, E = self.num_tokens, self.num_experts
@@ -529,14 +408,12 @@ class MoECase:
 
         Legal inputs include NaN/Inf logits: the fixed chain must handle them. Out of contract
         are overrides the previous stage could never produce (ids out of range, duplicate ids,
-        recv_counters beyond the buffer, unknown LoRA ids), EP windows that are not a partition
-        of [0, E) (a window past E is what the launcher must reject), and a correction bias at
-        or below
+        recv_counters beyond the buffer, unknown LoRA ids), and a correction bias at or below
         the -10000 the kernels write over a chosen expert (or NaN, -inf): with it even the
         fixed top-k selects an expert twice (`harness.invariants` then does not judge the
         selection).
         """
-        out: list[str] = self.window_violations()
+        out: list[str] = []
         o = self.overrides
         E = self.num_experts
         if self.correction_bias is not None:

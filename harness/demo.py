@@ -1,14 +1,11 @@
 """The built-in demonstration: trigger-shaped cases run on the fixed chain and each variant.
 
-The cases are the shapes of the production incidents (normal routing; NaN rows from
+The cases are the shapes of the four production incidents (normal routing; NaN rows from
 CUDA-graph padding on both top-k paths; garbage padding slots of an expert-parallel receive
 buffer; more than 256 tokens with duplicate ids; a token count whose experts launch crosses
 grid.y = 65535; every LoRA slot active beside base-model tokens, one adapter disabled; forged
-LoRA ids; DeepSeek-V3 grouped routing, and a grouped layer of one expert per group; stale
-ids in CUDA-graph padding rows; EP windows, and one past E; output offsets past INT32_MAX at
-a production hidden size; a long prefill of 65,536 routed pairs). The demo runs each on the
-fixed chain and with each variant alone (and with the pair of vLLM issue 39244) and reports
-which check caught what. It knows nothing about which case
+LoRA ids). The demo runs each on the fixed chain and with each variant alone (and with the pair
+of vLLM issue 39244) and reports which check caught what. It knows nothing about which case
 triggers which variant: it runs the whole matrix.
 """
 
@@ -22,7 +19,7 @@ import torch
 
 from harness.api import execute
 from harness.bugs import VARIANTS, BugSet
-from harness.case import Fault, Generated, MoECase, Overrides, Patch
+from harness.case import Fault, MoECase, Overrides, Patch
 from harness.chain.target import Target
 
 
@@ -47,29 +44,7 @@ def demo_cases() -> dict[str, MoECase]:
         "lora-forged-ids": MoECase(
             64, 8, 2, seed=8, max_loras=4,
             overrides=Overrides(lora_ids=torch.tensor([-1, 0, 1, 4, 5], dtype=torch.int32))),
-        "deepseek-grouped": MoECase(64, 256, 8, scoring="sigmoid", renormalize=True, seed=9,
-                                    correction_bias=Generated(seed=9, scale=0.1), n_group=8,
-                                    topk_group=4, routed_scaling_factor=2.5),
-        "grouped-one-expert-per-group": MoECase(16, 8, 2, scoring="sigmoid", seed=10,
-                                                n_group=8, topk_group=4),
-        "graph-padding-stale-ids": MoECase(32, 16, 4, seed=11, overrides=Overrides(
-            topk_ids=_stale_padding(32, 16, 4, first=24))),
-        "ep-windows": MoECase(64, 16, 4, seed=12, ep_size=4, local_expert_offset=(0, 4, 8, 12),
-                              local_num_experts=(4, 4, 4, 4)),
-        "ep-window-overhang": MoECase(32, 16, 2, seed=13, ep_size=2,
-                                      local_expert_offset=(0, 10), local_num_experts=(8, 8)),
-        "int32-offsets": MoECase(4100, 8, 8, hidden_size=2, seed=14, logical_hidden_size=65536),
-        "long-prefill": MoECase(8192, 16, 8, hidden_size=1, seed=15),
     }
-
-
-def _stale_padding(T: int, E: int, K: int, first: int) -> torch.Tensor:
-    """[T, K] routes with rows first..T-1 as CUDA-graph padding from torch.empty: every other
-    slot a leftover route, the others stale memory (a float's bits read as an id)."""
-    ids = torch.stack([torch.randperm(E, generator=torch.Generator().manual_seed(r))[:K]
-                       for r in range(T)]).to(torch.int32)
-    ids[first:, 1::2] = 0x3F800000  # 1.0f
-    return ids
 
 
 def demo_configs() -> dict[str, BugSet]:
@@ -106,14 +81,11 @@ class DemoReport:
         out = ["demo cases:"]
         out += [f"  {i} {case}" for i, case in enumerate(self.cases, 1)]
         out.append("")
-        numbers = range(1, len(self.cases) + 1)
-        if len(self.cases) > 9:  # two-digit case numbers: tens above units, one column each
-            tens = " ".join(str(i // 10) if i >= 10 else " " for i in numbers)
-            out.append(f"{'':<{name_w}}  {tens}")
-        head = " ".join(str(i % 10) if len(self.cases) > 9 else str(i) for i in numbers)
+        head = " ".join(str(i) for i in range(1, len(self.cases) + 1))
         out.append(f"{'configuration':<{name_w}}  {head}  result")
         for cfg in self.configs:
-            marks = " ".join("x" if self.cells[cfg][c] else "·" for c in self.cases)
+            marks = " ".join(("x" if self.cells[cfg][c] else "·").ljust(len(str(i)))
+                             for i, c in enumerate(self.cases, 1))
             caught = self.caught(cfg)
             verdict = ("FINDINGS" if caught else "clean") if cfg == "fixed" else (
                 "caught" if caught else "NOT CAUGHT")

@@ -4,10 +4,7 @@ One function per stage gives the launches (grid, block, shared memory) the real 
 make for a given problem; `validate` checks them against the device's limits and raises
 `LaunchConfigError` before anything runs. The experts stage is chunked so that grid.y stays
 within 65535 (vLLM PR 43599 derives its chunk size the same way); `chunked=False` reproduces
-the unchunked launch of the `grid-y-overflow` variant. The offset arithmetic of the experts
-store and the sort's workspace sizes are stated here too, so both backends (and the fuzzer's
-size solver) compute them one way: a 32-bit offset that wraps is decided here symbolically,
-without allocating the buffer it would address.
+the unchunked launch of the `grid-y-overflow` variant.
 """
 
 from __future__ import annotations
@@ -15,8 +12,6 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-
-import torch
 
 from harness.errors import LaunchConfigError
 
@@ -105,12 +100,6 @@ def gating_launches(num_tokens: int, num_experts: int) -> list[Launch]:
     ]
 
 
-def grouped_gating_launches(num_tokens: int) -> list[Launch]:
-    """The grouped router (DeepSeek-V3): one block of FALLBACK_THREADS threads per row."""
-    return [Launch("gating", "grouped_topk", (max(num_tokens, 1), 1, 1),
-                   (FALLBACK_THREADS, 1, 1))]
-
-
 def dispatch_launches(ep_size: int, max_tokens_per_rank: int) -> list[Launch]:
     blocks = math.ceil(max_tokens_per_rank / 256)
     return [Launch("dispatch", "a2a_sanitize", (blocks, ep_size, ep_size), (256, 1, 1))]
@@ -173,68 +162,9 @@ def overflow_num_tokens(topk: int, num_experts: int, block_size: int,
     return max(1, limit // topk + 1)
 
 
-def finalize_launches(num_rows: int, topk: int = 1, pairs_on_z: bool = False) -> list[Launch]:
-    """One CTA per row on grid.x; `pairs_on_z` reproduces the launch of FreeToken issue 186:
-    one CTA per (row, top-k slot) pair on grid.z, whose limit is 65535."""
-    if pairs_on_z:
-        return [Launch("finalize", "finalize_pairs", (1, 1, max(num_rows * topk, 1)),
-                       (FINALIZE_THREADS, 1, 1))]
+def finalize_launches(num_rows: int) -> list[Launch]:
     return [Launch("finalize", "finalize_unpermute_reduce", (max(num_rows, 1), 1, 1),
                    (FINALIZE_THREADS, 1, 1))]
-
-
-def pairs_overflow_rows(topk: int, max_grid_z: int = 65535) -> int:
-    """The smallest row count whose (row, slot) pairs exceed `max_grid_z`."""
-    return max_grid_z // topk + 1
-
-
-# -- offset arithmetic -------------------------------------------------------------------------
-
-INT32_MAX = 2**31 - 1
-
-
-def wrap_int32(x: torch.Tensor) -> torch.Tensor:
-    """int64 values as a 32-bit multiply-add leaves them (two's complement wrap-around)."""
-    return (x + 2**31).remainder(2**32) - 2**31
-
-
-def wrapped_rows(row_stride: int) -> int:
-    """How many rows before the output a 32-bit offset wrapped negative may land, in the
-    harness's storage of the first H columns per row: offsets in [-2**31, 0), truncated
-    towards zero by the row stride."""
-    return 2**31 // max(row_stride, 1) + 1
-
-
-def experts_max_offset(positions: int, row_stride: int, hidden_size: int) -> int:
-    """The largest element offset the experts store computes over `positions` rows of the
-    aligned layout: (positions - 1) * row_stride + hidden_size - 1 (its output is [P, S] with
-    the first hidden_size columns written)."""
-    return max(positions - 1, 0) * row_stride + hidden_size - 1
-
-
-def int32_offset_num_tokens(topk: int, row_stride: int, hidden_size: int) -> int:
-    """The smallest T whose routed pairs alone (T * K positions) give the experts store an
-    offset past INT32_MAX: SGLang PR 4727's `stride * offs_token` at hidden 7168, top-k 8
-    wraps from about 37,450 tokens."""
-    rows = (INT32_MAX - hidden_size + 1) // max(row_stride, 1) + 2  # positions needed
-    return max(1, -(-rows // topk))
-
-
-# -- workspaces --------------------------------------------------------------------------------
-
-
-def sort_histogram_clear_elems(num_local_experts: int) -> int:
-    """Entries the three-step sort clears in its expert-count histogram: two halves (counts,
-    aligned offsets) of one entry per thread or per expert, whichever is more."""
-    return 2 * max(num_local_experts, SORT_THREADS)
-
-
-def sort_histogram_elems(num_local_experts: int, undersized: bool = False) -> int:
-    """The histogram's allocation: what it is cleared over (fixed, TensorRT-LLM PR 5519's
-    max(2E, 2*256)) or, `undersized`, 2 * E_l rounded up to 256 as before that fix."""
-    if undersized:
-        return -(-2 * num_local_experts // 256) * 256
-    return sort_histogram_clear_elems(num_local_experts)
 
 
 def lora_launches(max_loras: int, num_experts: int, off_by_one: bool = False) -> list[Launch]:

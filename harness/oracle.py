@@ -16,10 +16,6 @@ Policy (the fixed chain's documented behaviour, stated once):
   -Inf (fallback), so the selection is defined for biases > -10000 only; with a lower, -Inf or
   NaN bias a chosen expert may be selected again (harness.invariants then does not judge the
   selection).
-* Grouped routing (DeepSeek-V3): selection among the experts of the topk_group groups whose
-  score (the sum of the group's two largest selection values) is largest, ties to the lower
-  group index; groups of one expert route by plain top-k (vLLM PR 29439). Weights are then
-  multiplied by routed_scaling_factor.
 * Weights are the unbiased scores of the selected experts; renormalised, w / (sum > 0 ? sum
   : 1) with the sum in fp32. A sum below the smallest normal fp32 (sigmoid scores that
   underflow) is implementation-defined (flush-to-zero): such rows are not judged.
@@ -134,33 +130,8 @@ def _order_keys(values: torch.Tensor) -> torch.Tensor:
     return key * 2048 + (2047 - torch.arange(E))  # E <= 1024
 
 
-def group_scores(values: torch.Tensor, n_group: int) -> torch.Tensor:
-    """[T, n_group] fp32: each group's sum of its two largest selection values (groups of at
-    least two experts)."""
-    top2 = values.view(values.shape[0], n_group, -1).topk(2, dim=-1).values
-    return top2[..., 0] + top2[..., 1]
-
-
-def grouped_selection(sel: torch.Tensor, K: int, n_group: int, topk_group: int) -> torch.Tensor:
-    """[T, K] int64: the grouped selection over selection values [T, E] (see `gating`)."""
-    T, E = sel.shape
-    if E // n_group < 2:  # groups of one expert: plain top-k (vLLM PR 29439)
-        return _order_keys(sel).topk(K, dim=1).indices
-    kept = _order_keys(group_scores(sel, n_group)).topk(topk_group, dim=1).indices
-    allowed = torch.zeros((T, n_group), dtype=torch.bool).scatter_(1, kept, True)
-    keys = _order_keys(sel).view(T, n_group, -1)
-    masked = keys.masked_fill(~allowed[..., None], torch.iinfo(torch.int64).min)
-    return masked.view(T, E).topk(K, dim=1).indices
-
-
 def gating(inp: GatingInput) -> GatingOutput:
-    """What top-k gating must return for `inp` (ids int32 in selection order, weights fp32).
-
-    Grouped routing (n_group >= 1): the experts form n_group groups of E / n_group; a group's
-    score is the sum of its two largest selection values; the topk_group best groups (ties:
-    lower group index) are kept and the K best experts among theirs selected; weights as the
-    plain router's, then times routed_scaling_factor. Groups of one expert have no second
-    value: such a layer is routed by plain top-k (vLLM PR 29439)."""
+    """What top-k gating must return for `inp` (ids int32 in selection order, weights fp32)."""
     logits = inp.gating_logits
     T, E = logits.shape
     K = inp.topk
@@ -170,16 +141,11 @@ def gating(inp: GatingInput) -> GatingOutput:
     for r0 in range(0, T, step):
         s = scores(logits[r0:r0 + step], inp.scoring)
         sel = selection_values(s, inp.correction_bias)
-        if inp.n_group:
-            top = grouped_selection(sel, K, inp.n_group, inp.topk_group)
-        else:
-            top = _order_keys(sel).topk(K, dim=1).indices
+        top = _order_keys(sel).topk(K, dim=1).indices
         w = s.gather(1, top)
         if inp.renormalize:
             total = w.sum(1, keepdim=True)
             w = w / torch.where(total > 0, total, torch.ones_like(total))
-        if inp.routed_scaling_factor != 1.0:
-            w = w * inp.routed_scaling_factor
         ids[r0:r0 + step] = top.to(torch.int32)
         weights[r0:r0 + step] = w
     return GatingOutput(ids, weights)

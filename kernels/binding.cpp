@@ -111,41 +111,6 @@ void gating(const Tensor& logits, const std::optional<Tensor>& bias, int64_t top
                "gating");
 }
 
-void grouped_gating(const Tensor& logits, const std::optional<Tensor>& bias, int64_t topk,
-                    int64_t n_group, int64_t topk_group, int64_t scoring, bool renormalize,
-                    double routed_scaling_factor, const Tensor& topk_ids,
-                    const Tensor& topk_weights, const Tensor& workspace,
-                    const Tensor& group_scratch, int64_t bugs,
-                    const std::optional<Tensor>& coverage) {
-  const c10::cuda::CUDAGuard guard(logits.device());
-  const auto dev = logits.device();
-  const int dtype = dtype_code(logits, "logits");
-  check_tensor(logits, "logits", logits.scalar_type(), dev);
-  TORCH_CHECK(logits.dim() == 2, "logits must be [T, E]");
-  const int64_t T = logits.size(0), E = logits.size(1);
-  if (bias.has_value()) {
-    check_tensor(*bias, "bias", at::kFloat, dev);
-    check_shape(*bias, "bias", {E});
-  }
-  check_tensor(topk_ids, "topk_ids", at::kInt, dev);
-  check_shape(topk_ids, "topk_ids", {T, topk});
-  check_tensor(topk_weights, "topk_weights", at::kFloat, dev);
-  check_shape(topk_weights, "topk_weights", {T, topk});
-  check_tensor(workspace, "workspace", at::kFloat, dev);
-  check_shape(workspace, "workspace", {T, E});
-  check_tensor(group_scratch, "group_scratch", at::kFloat, dev);
-  check_shape(group_scratch, "group_scratch", {T, E});
-  check_launch(mh::launch_grouped_gating(
-                   ptr<const void>(logits), dtype,
-                   bias.has_value() ? ptr<const float>(*bias) : nullptr, to_int(T, "T"),
-                   to_int(E, "E"), to_int(topk, "topk"), to_int(n_group, "n_group"),
-                   to_int(topk_group, "topk_group"), static_cast<int>(scoring), renormalize,
-                   static_cast<float>(routed_scaling_factor), ptr<int32_t>(topk_ids),
-                   ptr<float>(topk_weights), ptr<float>(workspace), ptr<float>(group_scratch),
-                   static_cast<uint32_t>(bugs), coverage_ptr(coverage, dev), stream()),
-               "grouped_gating");
-}
-
 void a2a_sanitize(const Tensor& recv_topk_ids, const Tensor& recv_counters, int64_t bugs,
                   const std::optional<Tensor>& coverage) {
   const c10::cuda::CUDAGuard guard(recv_topk_ids.device());
@@ -165,9 +130,9 @@ void a2a_sanitize(const Tensor& recv_topk_ids, const Tensor& recv_counters, int6
                "a2a_sanitize");
 }
 
-int64_t sort_align_workspace_elems(int64_t N, int64_t E_local, int64_t bugs) {
-  return static_cast<int64_t>(mh::sort_align_workspace_elems(
-      to_int(N, "N"), to_int(E_local, "E_local"), static_cast<uint32_t>(bugs)));
+int64_t sort_align_workspace_elems(int64_t N, int64_t E_local) {
+  return static_cast<int64_t>(
+      mh::sort_align_workspace_elems(to_int(N, "N"), to_int(E_local, "E_local")));
 }
 
 void sort_align(const Tensor& topk_ids, const Tensor& expert_map, int64_t num_local_experts,
@@ -200,8 +165,8 @@ void sort_align(const Tensor& topk_ids, const Tensor& expert_map, int64_t num_lo
   check_numel(expert_ids, "expert_ids", m_blocks);
   check_numel(num_tokens_post_pad, "num_tokens_post_pad", 1);
   check_numel(workspace, "workspace",
-              static_cast<int64_t>(mh::sort_align_workspace_elems(
-                  to_int(N, "N"), to_int(E_l, "E_local"), static_cast<uint32_t>(bugs))));
+              static_cast<int64_t>(mh::sort_align_workspace_elems(to_int(N, "N"),
+                                                                   to_int(E_l, "E_local"))));
   check_launch(
       mh::launch_sort_align(ptr<const int32_t>(topk_ids), ptr<const int32_t>(expert_map),
                             to_int(expert_map.numel(), "E"), to_int(N, "N"), to_int(K, "K"),
@@ -214,27 +179,10 @@ void sort_align(const Tensor& topk_ids, const Tensor& expert_map, int64_t num_lo
       "sort_align");
 }
 
-void ep_window_histogram(const Tensor& topk_ids, int64_t num_experts, int64_t offset,
-                         int64_t num_local_experts, const Tensor& histogram, int64_t bugs,
-                         const std::optional<Tensor>& coverage) {
-  const c10::cuda::CUDAGuard guard(topk_ids.device());
-  const auto dev = topk_ids.device();
-  check_tensor(topk_ids, "topk_ids", at::kInt, dev);
-  check_tensor(histogram, "histogram", at::kInt, dev);
-  check_numel(histogram, "histogram", num_experts);
-  check_launch(mh::launch_ep_window_histogram(
-                   ptr<const int32_t>(topk_ids), to_int(topk_ids.numel(), "N*K"),
-                   to_int(num_experts, "num_experts"), to_int(offset, "offset"),
-                   to_int(num_local_experts, "num_local_experts"), ptr<int32_t>(histogram),
-                   static_cast<uint32_t>(bugs), coverage_ptr(coverage, dev), stream()),
-               "ep_window_histogram");
-}
-
 void experts(const Tensor& hidden, const Tensor& expert_weights, const Tensor& sorted_token_ids,
              const Tensor& expert_ids, const Tensor& num_tokens_post_pad, int64_t topk,
              int64_t block_size, int64_t block_first, int64_t block_last,
-             const Tensor& expert_out, int64_t bugs, const std::optional<Tensor>& coverage,
-             int64_t row_stride) {
+             const Tensor& expert_out, int64_t bugs, const std::optional<Tensor>& coverage) {
   const c10::cuda::CUDAGuard guard(hidden.device());
   const auto dev = hidden.device();
   const int dtype = dtype_code(hidden, "hidden_states");
@@ -259,8 +207,6 @@ void experts(const Tensor& hidden, const Tensor& expert_weights, const Tensor& s
   check_shape(expert_out, "expert_out", {P, H});
   TORCH_CHECK(0 <= block_first && block_first <= block_last && block_last <= m_blocks,
               "m-block range [", block_first, ", ", block_last, ") outside [0, ", m_blocks, "]");
-  const int64_t stride = row_stride > 0 ? row_stride : H;
-  TORCH_CHECK(stride >= H, "row_stride must be >= H");
   check_launch(mh::launch_experts(ptr<const void>(hidden), dtype, ptr<const float>(expert_weights),
                                   to_int(N, "N"), to_int(H, "H"), to_int(E_l, "E_l"),
                                   ptr<const int32_t>(sorted_token_ids), to_int(P, "P"),
@@ -268,8 +214,7 @@ void experts(const Tensor& hidden, const Tensor& expert_weights, const Tensor& s
                                   ptr<const int32_t>(num_tokens_post_pad), to_int(topk, "topk"),
                                   to_int(block_size, "block_size"),
                                   to_int(block_first, "block_first"),
-                                  to_int(block_last, "block_last"), stride,
-                                  ptr<float>(expert_out),
+                                  to_int(block_last, "block_last"), ptr<float>(expert_out),
                                   static_cast<uint32_t>(bugs), coverage_ptr(coverage, dev),
                                   stream()),
                "experts");
@@ -360,21 +305,11 @@ void redzone_selftest(const Tensor& out) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "moe-harness CUDA kernel chain (see kernels/moe_harness.h)";
   m.def("gating", &gating, "top-k gating (warp or fallback path)");
-  m.def("grouped_gating", &grouped_gating, "grouped top-k gating (DeepSeek-V3 / Kimi-K2)");
-  m.def("ep_window_histogram", &ep_window_histogram,
-        "EP window form: the per-expert count histogram over the global ids");
   m.def("a2a_sanitize", &a2a_sanitize, "A2A receive-buffer sanitize, in place");
   m.def("sort_align_workspace_elems", &sort_align_workspace_elems,
-        "int32 elements of the sort_align workspace", pybind11::arg("N"),
-        pybind11::arg("E_local"), pybind11::arg("bugs") = 0);
+        "int32 elements of the sort_align workspace");
   m.def("sort_align", &sort_align, "sort/align (single-block or three-step path)");
-  m.def("experts", &experts, "experts grouped linear over m-blocks [block_first, block_last)",
-        pybind11::arg("hidden"), pybind11::arg("expert_weights"),
-        pybind11::arg("sorted_token_ids"), pybind11::arg("expert_ids"),
-        pybind11::arg("num_tokens_post_pad"), pybind11::arg("topk"),
-        pybind11::arg("block_size"), pybind11::arg("block_first"), pybind11::arg("block_last"),
-        pybind11::arg("expert_out"), pybind11::arg("bugs"), pybind11::arg("coverage"),
-        pybind11::arg("row_stride") = 0);
+  m.def("experts", &experts, "experts grouped linear over m-blocks [block_first, block_last)");
   m.def("finalize", &finalize, "unpermute + weighted reduce");
   m.def("lora_align", &lora_align, "LoRA align (both kernels) over num_slots blocks");
   m.def("coverage_slot_names", &coverage_slot_names, "names of the device coverage slots");

@@ -28,8 +28,7 @@ experts_grouped_linear(const scalar_t* __restrict__ hidden, const float* __restr
                        int H, int E_l, const int32_t* __restrict__ sorted_token_ids, int64_t P,
                        const int32_t* __restrict__ expert_ids, int64_t num_m_blocks,
                        const int32_t* __restrict__ num_tokens_post_pad, int K, int block_size,
-                       int block_first, int64_t row_stride, bool offset32,
-                       float* __restrict__ expert_out, uint32_t* coverage) {
+                       int block_first, float* __restrict__ expert_out, uint32_t* coverage) {
   MOE_BLOCK_COVERAGE(cov, coverage);
   const int64_t b = static_cast<int64_t>(block_first) + blockIdx.y;
   cov.once(COV_EXPERTS_CHUNK);  // this stage launched (chunks OR together)
@@ -68,40 +67,7 @@ experts_grouped_linear(const scalar_t* __restrict__ hidden, const float* __restr
     for (int h = 0; h < H; ++h) {
       acc = fmaf(load_float(row, h), w_e[static_cast<int64_t>(h) * H + j], acc);
     }
-    // the store's offset into the logical [P, row_stride] output: 64-bit, or with
-    // BUG_INT32_OFFSET_OVERFLOW p * row_stride + j in 32 bits (SGLang PR 4727: `stride_cm *
-    // offs_token` in int32), wrapping past INT32_MAX
-    const int64_t wide = p * row_stride + j;
-    const int64_t offset = offset32 ? static_cast<int64_t>(static_cast<int32_t>(
-                                          static_cast<uint32_t>(p) *
-                                              static_cast<uint32_t>(row_stride) +
-                                          static_cast<uint32_t>(j)))
-                                    : wide;
-    if (wide > INT32_MAX) cov.add(COV_EXPERTS_OFFSET_PAST_INT32);
-    // the harness stores the first H columns of each logical row: (row, column) -> row * H + column
-    // (truncating division: a negative offset stays before the buffer)
-    const int64_t lrow = offset / row_stride;
-    const int64_t lcol = offset - lrow * row_stride;
-    if (lcol < H) expert_out[lrow * H + lcol] = acc;
-  }
-  cov.flush();
-}
-
-// BUG_GRID_Z_OVERFLOW (FreeToken issue 186): one CTA per (row, slot) pair, the pair on grid.z,
-// adding its term into out[n] (zeroed by the host first): the order of the K additions is the
-// atomics', so the result may differ from the fixed kernel's in the last bits.
-__global__ void __launch_bounds__(kFinalizeThreads)
-finalize_pairs(const float* __restrict__ expert_out, int64_t P, int H,
-               const int32_t* __restrict__ permuted_row, const float* __restrict__ topk_weights,
-               int N, int K, float* __restrict__ out, bool trust_rows, uint32_t* coverage) {
-  MOE_BLOCK_COVERAGE(cov, coverage);
-  cov.once(COV_FINALIZE_PAIRS);
-  const int64_t x = blockIdx.z;
-  const int64_t n = x / K;
-  const int32_t r = x < static_cast<int64_t>(N) * K ? permuted_row[x] : -1;
-  const bool ok = r != -1 && (trust_rows || (r >= 0 && r < P));
-  for (int h = threadIdx.x; ok && h < H; h += blockDim.x) {
-    atomicAdd(&out[n * H + h], __fmul_rn(topk_weights[x], expert_out[static_cast<int64_t>(r) * H + h]));
+    expert_out[p * H + j] = acc;
   }
   cov.flush();
 }
@@ -147,12 +113,10 @@ finalize_unpermute_reduce(const float* __restrict__ expert_out, int64_t P, int H
 cudaError_t launch_experts(const void* hidden, int dtype, const float* W, int N, int H, int E_l,
                            const int32_t* sorted_token_ids, int P, const int32_t* expert_ids,
                            const int32_t* num_tokens_post_pad, int K, int block_size,
-                           int block_first, int block_last, int64_t row_stride,
-                           float* expert_out, uint32_t bugs, uint32_t* coverage,
-                           cudaStream_t stream) {
-  // grid-y-overflow lives on the host: it only changes [block_first, block_last)
-  const bool offset32 = (bugs & BUG_INT32_OFFSET_OVERFLOW) != 0u;
-  if (H <= 0 || block_size <= 0 || K <= 0 || N < 0 || E_l < 0 || P < 0 || row_stride < H) {
+                           int block_first, int block_last, float* expert_out, uint32_t bugs,
+                           uint32_t* coverage, cudaStream_t stream) {
+  (void)bugs;  // grid-y-overflow lives on the host: it only changes [block_first, block_last)
+  if (H <= 0 || block_size <= 0 || K <= 0 || N < 0 || E_l < 0 || P < 0) {
     return cudaErrorInvalidValue;
   }
   // the static size of expert_ids: geometry.max_num_m_blocks(N, K, E_l, block_size)
@@ -165,8 +129,7 @@ cudaError_t launch_experts(const void* hidden, int dtype, const float* W, int N,
     using T = typename decltype(tag)::type;
     experts_grouped_linear<T><<<grid, block, 0, stream>>>(
         static_cast<const T*>(hidden), W, N, H, E_l, sorted_token_ids, P, expert_ids,
-        num_m_blocks, num_tokens_post_pad, K, block_size, block_first, row_stride, offset32,
-        expert_out, coverage);
+        num_m_blocks, num_tokens_post_pad, K, block_size, block_first, expert_out, coverage);
   });
   return known ? launch_status() : cudaErrorInvalidValue;
 }
@@ -176,16 +139,6 @@ cudaError_t launch_finalize(const float* expert_out, int P, int H, const int32_t
                             uint32_t* coverage, cudaStream_t stream) {
   const bool trust_rows = (bugs & BUG_SORT_DUPLICATE_BREAK) != 0;
   if (H <= 0 || K <= 0) return cudaErrorInvalidValue;
-  if ((bugs & BUG_GRID_Z_OVERFLOW) != 0u) {  // one CTA per pair on grid.z (max 65535)
-    const long long pairs = std::max(static_cast<long long>(N) * K, 1LL);
-    const dim3 grid_z(1, 1, static_cast<unsigned>(std::min(pairs, 0xFFFFFFFFLL)));
-    cudaError_t err = cudaMemsetAsync(out, 0, sizeof(float) * static_cast<size_t>(N) * H, stream);
-    if (err != cudaSuccess) return err;
-    finalize_pairs<<<grid_z, kFinalizeThreads, 0, stream>>>(expert_out, P, H, permuted_row,
-                                                            topk_weights, N, K, out, trust_rows,
-                                                            coverage);
-    return launch_status();
-  }
   const dim3 grid(static_cast<unsigned>(std::max(N, 1)), 1, 1);
   finalize_unpermute_reduce<<<grid, kFinalizeThreads, 0, stream>>>(
       expert_out, P, H, permuted_row, topk_weights, N, K, out, trust_rows, coverage);

@@ -28,12 +28,6 @@ enum BugBit : uint32_t {
   BUG_LORA_GRID_OFF_BY_ONE = 1u << 4,  // host side only: grid of max_loras blocks
   BUG_LORA_ID_UNCHECKED = 1u << 5,
   BUG_LORA_DISABLED_ADAPTER = 1u << 6,
-  BUG_GROUPED_TOPK_TINY_GROUPS = 1u << 7,
-  BUG_EXPERT_MAP_STALE_IDS = 1u << 8,
-  BUG_EP_WINDOW_UNCHECKED = 1u << 9,  // host side: the window is not rejected
-  BUG_HISTOGRAM_UNDERSIZED = 1u << 10,  // host side: the allocation; the clear is the kernel's
-  BUG_INT32_OFFSET_OVERFLOW = 1u << 11,
-  BUG_GRID_Z_OVERFLOW = 1u << 12,  // host side: finalize over (row, slot) pairs on grid.z
 };
 
 // Built with -DMOE_HARNESS_NO_COVERAGE, every coverage statement compiles away (the pointer
@@ -65,9 +59,7 @@ constexpr uint32_t POISON_F32_BITS = 0x7FD07FCEu;
   X(EXPERTS_BLOCK_EARLY_EXIT) X(EXPERTS_SENTINEL_ROW) X(EXPERTS_GUARD_SKIP) X(EXPERTS_CHUNK) \
   X(FINALIZE_SKIP_INVALID) X(FINALIZE_GUARD_OUT_OF_RANGE) X(FINALIZE_NONFINITE)            \
   X(LORA_SLOT_PROCESSED) X(LORA_SKIP_BASE) X(LORA_SKIP_OUT_OF_RANGE) X(LORA_SKIP_DISABLED)  \
-  X(LORA_SORT_DISABLED_UNCHECKED) X(LORA_EMPTY_ADAPTER)                                    \
-  X(GATING_GROUPED_PATH) X(GATING_GROUPED_TINY_GROUPS) X(SORT_WINDOW_COUNTED)               \
-  X(EXPERTS_OFFSET_PAST_INT32) X(FINALIZE_PAIRS)
+  X(LORA_SORT_DISABLED_UNCHECKED) X(LORA_EMPTY_ADAPTER)
 
 enum CoverageSlot : int {
 #define MOE_COV_ENUM(name) COV_##name,
@@ -92,17 +84,6 @@ cudaError_t launch_gating(const void* logits, int dtype, const float* bias, int 
                           float* workspace, uint32_t bugs, uint32_t* coverage,
                           cudaStream_t stream);
 
-// Stage 1, grouped routing (gating.cu, DeepSeek-V3 / Kimi-K2): logits [T, E] of `dtype`, bias
-// [E] fp32 or nullptr, n_group | E, 1 <= topk_group <= n_group, K <= topk_group * E / n_group.
-// Outputs topk_ids [T, K] int32, topk_weights [T, K] fp32 (times routed_scaling_factor);
-// workspace [T, E] fp32 (scores), group_scratch [T, E] fp32 (the in-place top-2 per group).
-cudaError_t launch_grouped_gating(const void* logits, int dtype, const float* bias, int T, int E,
-                                  int K, int n_group, int topk_group, int scoring,
-                                  bool renormalize, float routed_scaling_factor,
-                                  int32_t* topk_ids, float* topk_weights, float* workspace,
-                                  float* group_scratch, uint32_t bugs, uint32_t* coverage,
-                                  cudaStream_t stream);
-
 // Stage 2 (a2a_sanitize.cu). recv_topk_ids [ep, ep, M, K] int32 (dst, src, slot, k), sanitized
 // in place; recv_counters [ep, ep] int32.
 cudaError_t launch_a2a_sanitize(int32_t* recv_topk_ids, const int32_t* recv_counters, int ep,
@@ -113,10 +94,8 @@ cudaError_t launch_a2a_sanitize(int32_t* recv_topk_ids, const int32_t* recv_coun
 // owned). Outputs as harness/chain/sort_align.py: expert_counts [E_l], expert_offsets
 // [E_l + 1], aligned_offsets [E_l + 1], permuted_row [N*K], sorted_token_ids
 // [max_num_tokens_padded], expert_ids [max_num_m_blocks], num_tokens_post_pad [1].
-// workspace: sort_align_workspace_elems(N, E_l, bugs) int32 (three-step: the per-block counts,
-// then the expert-count histogram, sized from E_l: BUG_HISTOGRAM_UNDERSIZED sizes it as TRT-LLM
-// did before PR 5519). BUG_EXPERT_MAP_STALE_IDS: the guard before expert_map[id] is id < 0.
-size_t sort_align_workspace_elems(int N, int E_local, uint32_t bugs);
+// workspace: sort_align_workspace_elems(N, E_l) int32.
+size_t sort_align_workspace_elems(int N, int E_local);
 cudaError_t launch_sort_align(const int32_t* topk_ids, const int32_t* expert_map, int E, int N,
                               int K, int E_local, int block_size, int32_t* expert_counts,
                               int32_t* expert_offsets, int32_t* aligned_offsets,
@@ -125,30 +104,17 @@ cudaError_t launch_sort_align(const int32_t* topk_ids, const int32_t* expert_map
                               int32_t* workspace, uint32_t bugs, uint32_t* coverage,
                               cudaStream_t stream);
 
-// Stage 3, EP window form (sort_align.cu): the rank's per-expert count histogram over the
-// global ids, histogram [E] int32: its window [offset, offset + E_l) cleared, then each id of
-// topk_ids [N*K] inside it counted. The host rejects a window past E (FlashInfer PR 1469) unless
-// BUG_EP_WINDOW_UNCHECKED.
-cudaError_t launch_ep_window_histogram(const int32_t* topk_ids, int NK, int E, int offset,
-                                       int E_local, int32_t* histogram, uint32_t bugs,
-                                       uint32_t* coverage, cudaStream_t stream);
-
 // Stage 4a (experts.cu): one launch over m-blocks [block_first, block_last) (grid.y = their
-// count). hidden [N, H] of `dtype`; W [E_l, H, H] fp32; expert_out [P, H] fp32: the first H
-// columns of a logical [P, row_stride] output; the store's offset p * row_stride + j is 64-bit,
-// 32-bit with BUG_INT32_OFFSET_OVERFLOW (SGLang PR 4727).
+// count). hidden [N, H] of `dtype`; W [E_l, H, H] fp32; expert_out [P, H] fp32.
 cudaError_t launch_experts(const void* hidden, int dtype, const float* W, int N, int H, int E_l,
                            const int32_t* sorted_token_ids, int P, const int32_t* expert_ids,
                            const int32_t* num_tokens_post_pad, int K, int block_size,
-                           int block_first, int block_last, int64_t row_stride,
-                           float* expert_out, uint32_t bugs, uint32_t* coverage,
-                           cudaStream_t stream);
+                           int block_first, int block_last, float* expert_out, uint32_t bugs,
+                           uint32_t* coverage, cudaStream_t stream);
 
 // Stage 4b (experts.cu): out [N, H] fp32 = sum_k w[n,k] * expert_out[permuted_row[n*K+k]].
 // Fixed: a permuted_row outside [0, P) is skipped. BUG_SORT_DUPLICATE_BREAK restores the
 // original pairing of that sort with a finalize that trusted it: only -1 is skipped.
-// BUG_GRID_Z_OVERFLOW: one CTA per (row, slot) pair on grid.z (FreeToken issue 186), adding
-// into `out` (zeroed first); the launch fails above 65535 pairs.
 cudaError_t launch_finalize(const float* expert_out, int P, int H, const int32_t* permuted_row,
                             const float* topk_weights, int N, int K, float* out, uint32_t bugs,
                             uint32_t* coverage, cudaStream_t stream);

@@ -38,12 +38,8 @@
 //   The encoding -2 - rank (rank < 256*K) keeps "ranked by step 1" apart from anything the
 //   entry held before: poison (a word above 0x7FC10000), -1, positions >= 0.
 //
-// Workspace: sort_align_workspace_elems(N, E_l, bugs) int32 = E_l * ceil(N / 256) per-block
-// counts, then the expert-count histogram [counts | aligned offsets] that sort_global_prefix
-// clears over 2 * max(E_l, 256) entries and fills (sized so, or 2 * E_l rounded up to 256 with
-// BUG_HISTOGRAM_UNDERSIZED, TRT-LLM PR 5519), on the three-step path; 0 on the single-block
-// path. BUG_EXPERT_MAP_STALE_IDS: local_expert's guard is the sign check alone.
-// ep_window_histogram (the EP window form): see launch_ep_window_histogram.
+// Workspace: sort_align_workspace_elems(N, E_l) int32 = E_l * ceil(N / 256) on the three-step
+// path, 0 on the single-block path.
 //
 // Coverage: SORT_SINGLE_BLOCK / SORT_THREE_STEP (once per launch), SORT_SKIP_INVALID (pairs
 // with id -1 or outside [0, E)), SORT_SKIP_NOT_OWNED (pairs whose map entry is outside
@@ -66,11 +62,10 @@ constexpr int kSkipInvalid = -1;   // id -1 or outside [0, E)
 constexpr int kSkipNotOwned = -2;  // map entry outside [0, E_l)
 
 // Local expert of a global id, or kSkipInvalid / kSkipNotOwned. The range guard comes before
-// expert_map is dereferenced; `sign_only` (BUG_EXPERT_MAP_STALE_IDS, vLLM issue 41834) keeps
-// only its sign check, so a stale id >= E is looked up past the table.
+// expert_map is dereferenced.
 __device__ __forceinline__ int local_expert(int32_t id, const int32_t* __restrict__ expert_map,
-                                            int E, int E_local, bool sign_only = false) {
-  if (id < 0 || (!sign_only && id >= E)) return kSkipInvalid;
+                                            int E, int E_local) {
+  if (id < 0 || id >= E) return kSkipInvalid;
   const int32_t m = expert_map[id];
   return (m >= 0 && m < E_local) ? m : kSkipNotOwned;
 }
@@ -177,7 +172,7 @@ __device__ __forceinline__ int block_expert(Aligned aligned, int E_local, long l
 // same local expert.
 __device__ __forceinline__ void cover_pair(BlockCoverage& cov, int le, const int32_t* row_ids,
                                            int k, const int32_t* __restrict__ expert_map, int E,
-                                           int E_local, bool sign_only) {
+                                           int E_local) {
   if (!cov.on()) return;
   if (le == kSkipInvalid) {
     cov.add(COV_SORT_SKIP_INVALID);
@@ -185,7 +180,7 @@ __device__ __forceinline__ void cover_pair(BlockCoverage& cov, int le, const int
     cov.add(COV_SORT_SKIP_NOT_OWNED);
   } else {
     for (int j = 0; j < k; ++j) {
-      if (local_expert(row_ids[j], expert_map, E, E_local, sign_only) == le) {
+      if (local_expert(row_ids[j], expert_map, E, E_local) == le) {
         cov.add(COV_SORT_DUPLICATE_SEEN);
         break;
       }
@@ -201,8 +196,7 @@ sort_single_block(const int32_t* __restrict__ topk_ids, const int32_t* __restric
                   int32_t* __restrict__ expert_counts, int32_t* __restrict__ expert_offsets,
                   int32_t* __restrict__ aligned_offsets, int32_t* __restrict__ permuted_row,
                   int32_t* __restrict__ sorted_token_ids, int32_t* __restrict__ expert_ids,
-                  int32_t* __restrict__ num_tokens_post_pad, uint32_t bugs,
-                  uint32_t* coverage) {
+                  int32_t* __restrict__ num_tokens_post_pad, uint32_t* coverage) {
   extern __shared__ int s_dyn[];  // geometry: 4 * (2 * E_l + 2) bytes
   int* s_count = s_dyn;             // [E_l]: counts, then scatter cursors
   int* s_aligned = s_dyn + E_local;  // [E_l + 1]
@@ -212,7 +206,6 @@ sort_single_block(const int32_t* __restrict__ topk_ids, const int32_t* __restric
   const int tid = static_cast<int>(threadIdx.x);
   const int NK = N * K;
   const int P = NK + E_local * (block_size - 1);
-  const bool sign_only = (bugs & BUG_EXPERT_MAP_STALE_IDS) != 0u;
 
   for (int e = tid; e < E_local; e += kSortThreads) s_count[e] = 0;
   for (int i = tid; i < P; i += kSortThreads) sorted_token_ids[i] = NK;  // sentinel
@@ -220,9 +213,9 @@ sort_single_block(const int32_t* __restrict__ topk_ids, const int32_t* __restric
 
   // count
   for (int x = tid; x < NK; x += kSortThreads) {
-    const int le = local_expert(topk_ids[x], expert_map, E, E_local, sign_only);
+    const int le = local_expert(topk_ids[x], expert_map, E, E_local);
     if (le >= 0) atomicAdd(&s_count[le], 1);
-    cover_pair(cov, le, topk_ids + (x - x % K), x % K, expert_map, E, E_local, sign_only);
+    cover_pair(cov, le, topk_ids + (x - x % K), x % K, expert_map, E, E_local);
   }
   __syncthreads();
 
@@ -249,8 +242,7 @@ sort_single_block(const int32_t* __restrict__ topk_ids, const int32_t* __restric
   const unsigned lanes_below = (1u << lane_id()) - 1u;
   for (int base = 0; base < NK; base += kSortThreads) {
     const int x = base + tid;
-    const int le =
-        x < NK ? local_expert(topk_ids[x], expert_map, E, E_local, sign_only) : kSkipInvalid;
+    const int le = x < NK ? local_expert(topk_ids[x], expert_map, E, E_local) : kSkipInvalid;
     const unsigned peers = __match_any_sync(kFullMask, le);
     const int rank = __popc(peers & lanes_below);
     for (int w = 0; w < kSortWarps; ++w) {
@@ -299,14 +291,13 @@ sort_block_expert_prefix(const int32_t* __restrict__ topk_ids,
   }
 
   const bool dup_break = (bugs & BUG_SORT_DUPLICATE_BREAK) != 0u;
-  const bool sign_only = (bugs & BUG_EXPERT_MAP_STALE_IDS) != 0u;
   const int n = b * kSortThreads + tid;
   const bool active = n < N && e < E_local;
   const int32_t* row_ids = topk_ids + static_cast<size_t>(n) * K;
   int multiplicity = 0;  // slots of row n holding e (fixed); 0/1 with the break
   if (active) {
     for (int k = 0; k < K; ++k) {
-      if (local_expert(row_ids[k], expert_map, E, E_local, sign_only) == e) {
+      if (local_expert(row_ids[k], expert_map, E, E_local) == e) {
         ++multiplicity;
         if (dup_break) break;
       }
@@ -317,7 +308,7 @@ sort_block_expert_prefix(const int32_t* __restrict__ topk_ids,
   if (multiplicity > 0) {
     int j = 0;
     for (int k = 0; k < K && j < multiplicity; ++k) {
-      if (local_expert(row_ids[k], expert_map, E, E_local, sign_only) == e) {
+      if (local_expert(row_ids[k], expert_map, E, E_local) == e) {
         permuted_row[static_cast<size_t>(n) * K + k] = encode_rank(offset + j);
         ++j;
       }
@@ -330,18 +321,13 @@ sort_block_expert_prefix(const int32_t* __restrict__ topk_ids,
 // Step 2, models globalExpertPrefixSumKernel: one block.
 __global__ void __launch_bounds__(kSortThreads)
 sort_global_prefix(int E_local, int blocks, int block_size, int32_t* __restrict__ workspace,
-                   int32_t* __restrict__ histogram, int32_t* __restrict__ expert_counts,
-                   int32_t* __restrict__ expert_offsets, int32_t* __restrict__ aligned_offsets,
+                   int32_t* __restrict__ expert_counts, int32_t* __restrict__ expert_offsets,
+                   int32_t* __restrict__ aligned_offsets,
                    int32_t* __restrict__ num_tokens_post_pad, uint32_t* coverage) {
   __shared__ int s_warp[kSortWarps];
   MOE_BLOCK_COVERAGE(cov, coverage);
   const int lane = lane_id();
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
-
-  // the expert-count histogram [counts | aligned offsets], cleared over 2 * max(E_l, threads)
-  // entries (geometry.sort_histogram_clear_elems), as TRT-LLM's routing memsets 2 * NumThreads
-  const int clear = 2 * max(E_local, kSortThreads);
-  for (int i = static_cast<int>(threadIdx.x); i < clear; i += kSortThreads) histogram[i] = 0;
 
   // per-expert totals over the blocks (a warp per expert) into expert_counts
   for (int e = warp; e < E_local; e += kSortWarps) {
@@ -359,10 +345,6 @@ sort_global_prefix(int E_local, int blocks, int block_size, int32_t* __restrict_
                                           aligned_offsets, nullptr, s_warp, cov);
   if (threadIdx.x == 0) num_tokens_post_pad[0] = post_pad;
   __syncthreads();  // aligned_offsets visible
-  for (int e = static_cast<int>(threadIdx.x); e < E_local; e += kSortThreads) {
-    histogram[e] = expert_counts[e];
-    histogram[E_local + e] = aligned_offsets[e];
-  }
 
   // per expert, the blocks' counts -> aligned start of each block's run (in place)
   for (int e = warp; e < E_local; e += kSortWarps) {
@@ -391,13 +373,12 @@ sort_merge(const int32_t* __restrict__ topk_ids, const int32_t* __restrict__ exp
            const int32_t* __restrict__ aligned_offsets,
            const int32_t* __restrict__ num_tokens_post_pad, int32_t* __restrict__ permuted_row,
            int32_t* __restrict__ sorted_token_ids, int32_t* __restrict__ expert_ids,
-           uint32_t bugs, uint32_t* coverage) {
+           uint32_t* coverage) {
   MOE_BLOCK_COVERAGE(cov, coverage);
   const int tid = static_cast<int>(threadIdx.x);
   const int b = static_cast<int>(blockIdx.x);
   const int blocks = static_cast<int>(gridDim.x);
   const int NK = N * K;
-  const bool sign_only = (bugs & BUG_EXPERT_MAP_STALE_IDS) != 0u;
 
   // expert_ids, spread over the launch
   {
@@ -420,8 +401,8 @@ sort_merge(const int32_t* __restrict__ topk_ids, const int32_t* __restrict__ exp
     const int max_rank = kSortThreads * K;
     for (int k = 0; k < K; ++k) {
       const size_t x = static_cast<size_t>(n) * K + k;
-      const int le = local_expert(row_ids[k], expert_map, E, E_local, sign_only);
-      cover_pair(cov, le, row_ids, k, expert_map, E, E_local, sign_only);
+      const int le = local_expert(row_ids[k], expert_map, E, E_local);
+      cover_pair(cov, le, row_ids, k, expert_map, E, E_local);
       if (le < 0) {
         permuted_row[x] = -1;
         continue;
@@ -441,53 +422,10 @@ sort_merge(const int32_t* __restrict__ topk_ids, const int32_t* __restrict__ exp
 
 }  // namespace
 
-// The three-step histogram's allocation (geometry.sort_histogram_elems): what it is cleared
-// over, or, BUG_HISTOGRAM_UNDERSIZED, 2 * E_l rounded up to 256 (TRT-LLM before PR 5519).
-static size_t histogram_elems(int E_local, uint32_t bugs) {
-  if ((bugs & BUG_HISTOGRAM_UNDERSIZED) != 0u) {
-    return (2 * static_cast<size_t>(E_local) + 255) / 256 * 256;
-  }
-  return 2 * static_cast<size_t>(E_local > kSortThreads ? E_local : kSortThreads);
-}
-
-size_t sort_align_workspace_elems(int N, int E_local, uint32_t bugs) {
+size_t sort_align_workspace_elems(int N, int E_local) {
   if (N <= kSingleBlockMaxRows || E_local <= 0) return 0;
   const size_t blocks = (static_cast<size_t>(N) + kSortThreads - 1) / kSortThreads;
-  return blocks * static_cast<size_t>(E_local) + histogram_elems(E_local, bugs);
-}
-
-namespace {
-
-// EP window form: models the per-expert count histogram over the global ids of TRT-LLM's
-// routing (mPtrExpertCounts), one block: the window [offset, offset + E_l) is cleared, then the
-// pairs inside it are counted. Nothing here checks the window against E: the host does.
-__global__ void __launch_bounds__(kSortThreads)
-ep_window_histogram(const int32_t* __restrict__ topk_ids, int NK, int E, int offset,
-                    int E_local, int32_t* __restrict__ histogram, uint32_t* coverage) {
-  MOE_BLOCK_COVERAGE(cov, coverage);
-  const int tid = static_cast<int>(threadIdx.x);
-  for (int i = tid; i < E_local; i += kSortThreads) histogram[offset + i] = 0;
-  __syncthreads();
-  const long long hi = min(static_cast<long long>(offset) + E_local, static_cast<long long>(E));
-  for (int x = tid; x < NK; x += kSortThreads) {
-    const int32_t id = topk_ids[x];
-    const bool mine = id >= 0 && id >= offset && id < hi;
-    if (mine) atomicAdd(&histogram[id], 1);
-    cov.count(COV_SORT_WINDOW_COUNTED, mine);
-  }
-  cov.flush();
-}
-
-}  // namespace
-
-cudaError_t launch_ep_window_histogram(const int32_t* topk_ids, int NK, int E, int offset,
-                                       int E_local, int32_t* histogram, uint32_t bugs,
-                                       uint32_t* coverage, cudaStream_t stream) {
-  (void)bugs;  // ep-window-unchecked lives on the host: the window is not rejected
-  if (NK < 0 || E < 0 || offset < 0 || E_local < 0) return cudaErrorInvalidValue;
-  ep_window_histogram<<<1, kSortThreads, 0, stream>>>(topk_ids, NK, E, offset, E_local,
-                                                      histogram, coverage);
-  return launch_status();
+  return blocks * static_cast<size_t>(E_local);
 }
 
 cudaError_t launch_sort_align(const int32_t* topk_ids, const int32_t* expert_map, int E, int N,
@@ -502,7 +440,7 @@ cudaError_t launch_sort_align(const int32_t* topk_ids, const int32_t* expert_map
     const size_t shared = sizeof(int) * (2 * static_cast<size_t>(E_local) + 2);
     sort_single_block<<<1, kSortThreads, shared, stream>>>(
         topk_ids, expert_map, E, N, K, E_local, block_size, expert_counts, expert_offsets,
-        aligned_offsets, permuted_row, sorted_token_ids, expert_ids, num_tokens_post_pad, bugs,
+        aligned_offsets, permuted_row, sorted_token_ids, expert_ids, num_tokens_post_pad,
         coverage);
     return launch_status();
   }
@@ -514,9 +452,8 @@ cudaError_t launch_sort_align(const int32_t* topk_ids, const int32_t* expert_map
       workspace, bugs, coverage);
   cudaError_t err = launch_status();
   if (err != cudaSuccess) return err;
-  int32_t* histogram = workspace + static_cast<size_t>(blocks) * (E_local > 0 ? E_local : 0);
   sort_global_prefix<<<1, kSortThreads, 0, stream>>>(E_local, blocks, block_size, workspace,
-                                                     histogram, expert_counts, expert_offsets,
+                                                     expert_counts, expert_offsets,
                                                      aligned_offsets, num_tokens_post_pad,
                                                      coverage);
   err = launch_status();
@@ -524,7 +461,7 @@ cudaError_t launch_sort_align(const int32_t* topk_ids, const int32_t* expert_map
   sort_merge<<<blocks, kSortThreads, 0, stream>>>(topk_ids, expert_map, E, N, K, E_local,
                                                   block_size, workspace, aligned_offsets,
                                                   num_tokens_post_pad, permuted_row,
-                                                  sorted_token_ids, expert_ids, bugs, coverage);
+                                                  sorted_token_ids, expert_ids, coverage);
   return launch_status();
 }
 

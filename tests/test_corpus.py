@@ -75,8 +75,7 @@ def assert_same_materialized(a: MoECase, b: MoECase) -> None:
 
 
 def rich_case() -> MoECase:
-    """Every field of MoECase away from its default, with special values everywhere (but
-    expert_to_rank, which EP windows replace: `placed_case` has it)."""
+    """Every field of MoECase away from its default, with special values everywhere."""
     T, E, K = 6, 8, 3
     logits = torch.linspace(-4, 4, T * E).reshape(T, E).to(torch.bfloat16)
     logits[0, 1], logits[2, 3], logits[4, 0], logits[5, 5] = math.nan, math.inf, -math.inf, -0.0
@@ -88,8 +87,7 @@ def rich_case() -> MoECase:
                    for i, v in enumerate(SPECIAL_VALUES)),
                  Patch("hidden_states", "row", -1.5, row=2), Patch("correction_bias", "all", 1e-3),
                  Patch("gating_logits", "column", math.nan, col=7)),
-        ep_size=2, max_tokens_per_rank=5, local_expert_offset=(0, 5), local_num_experts=(5, 3),
-        n_group=4, topk_group=2, routed_scaling_factor=2.5, logical_hidden_size=7168,
+        ep_size=2, max_tokens_per_rank=5, expert_to_rank=(1, 0, 1, 0, 0, 1, 1, 0),
         max_loras=3, adapter_enabled=(True, False, True),
         overrides=Overrides(
             gating_logits=torch.full((T, E), 0.25),
@@ -126,19 +124,6 @@ def test_rich_case_round_trips_every_field(tmp_path: Path) -> None:
     assert_same_materialized(case, loaded)
     assert meta == RICH_META
     assert corpus.content_hash(loaded) == corpus.content_hash(case) == path.stem
-
-
-def placed_case() -> MoECase:
-    """`rich_case` with an expert placement instead of EP windows."""
-    return rich_case().replace(local_expert_offset=None, local_num_experts=None,
-                               expert_to_rank=(1, 0, 1, 0, 0, 1, 1, 0))
-
-
-def test_placed_case_round_trips(tmp_path: Path) -> None:
-    case = placed_case()
-    loaded, _ = corpus.load(corpus.save(case, tmp_path))
-    assert_same_case(case, loaded)
-    assert loaded.expert_to_rank == case.expert_to_rank and not loaded.has_windows
 
 
 def test_format_covers_every_dataclass_field() -> None:
@@ -262,7 +247,7 @@ def test_hash_ignores_key_order_and_meta(tmp_path: Path) -> None:
 
     path = tmp_path / "reversed.json"
     path.write_text(json.dumps(reverse(doc), indent=4))
-    assert next(iter(json.loads(path.read_text())["case"])) == "topk_group"
+    assert next(iter(json.loads(path.read_text())["case"])) == "topk"
     loaded, _ = corpus.load(path)
     assert corpus.content_hash(loaded) == corpus.content_hash(case)
     assert corpus.save(case, tmp_path / "a", CaseMeta(origin="demo")).name == \

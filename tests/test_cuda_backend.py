@@ -172,34 +172,6 @@ class FakeExtension:
         if coverage is not None:  # block 0's flag word: bit = slot
             coverage[0] |= 1 << header_slot_names().index("GATING_WARP_PATH")
 
-    def grouped_gating(self, logits, bias, topk, n_group, topk_group, scoring, renormalize,
-                       factor, ids, weights, workspace, scratch, bugs, coverage):
-        """The CPU model's outputs; with grouped-topk-tiny-groups on a layer of one expert per
-        group, the kernel's write one past group_scratch (which the model raises for)."""
-        self._maybe_fail()
-        tiny = logits.shape[1] // n_group < 2
-        flag = bug_mask(BugSet.of(["grouped-topk-tiny-groups"]))
-        out = gating_cpu(GatingInput(logits, bias, topk, ("softmax", "sigmoid")[scoring],
-                                     renormalize, n_group, topk_group, factor),
-                         _ctx(bugs & ~flag))
-        ids.copy_(out.topk_ids)
-        weights.copy_(out.topk_weights)
-        if coverage is not None:  # block 0's flag word, slots 32-63 in its high half
-            slot = header_slot_names().index("GATING_GROUPED_PATH")
-            coverage[slot // 32] |= 1 << (slot % 32)
-        if tiny and bugs & flag:
-            scratch.as_strided((1,), (1,), scratch.storage_offset() + scratch.numel()).fill_(
-                float("-inf"))
-
-    def ep_window_histogram(self, ids, E, offset, E_l, histogram, bugs, coverage):
-        """The window cleared element by element (past the end where the window is), then
-        counted."""
-        for i in range(E_l):
-            histogram.as_strided((1,), (1,), histogram.storage_offset() + offset + i).fill_(0)
-        flat = ids.reshape(-1).long()
-        mine = flat[(flat >= offset) & (flat < min(offset + E_l, E))]
-        histogram.index_add_(0, mine, torch.ones_like(mine, dtype=torch.int32))
-
     def a2a_sanitize(self, ids, counters, bugs, coverage):
         if bugs & bug_mask(BugSet.of(["a2a-unsanitized-padding"])):
             return
@@ -207,7 +179,7 @@ class FakeExtension:
         padding = torch.arange(M) >= counters.long().clamp(0, M)[..., None]
         ids[padding] = -1
 
-    def sort_align_workspace_elems(self, N, E_l, bugs=0):
+    def sort_align_workspace_elems(self, N, E_l):
         return 0 if N <= 256 or E_l <= 0 else -(-N // 256) * E_l
 
     def sort_align(self, ids, expert_map, E_l, bs, counts, offsets, aligned, permuted,
@@ -220,9 +192,8 @@ class FakeExtension:
         post_pad[0] = out.num_tokens_post_pad
 
     def experts(self, hidden, weights, sorted_ids, expert_ids, post_pad, topk, bs, first, last,
-                out, bugs, coverage, row_stride=0):
-        inp = ExpertsInput(hidden, weights, sorted_ids, expert_ids, int(post_pad[0]), topk, bs,
-                           row_stride)
+                out, bugs, coverage):
+        inp = ExpertsInput(hidden, weights, sorted_ids, expert_ids, int(post_pad[0]), topk, bs)
         res = experts_over_chunks(inp, _ctx(bugs), [(first, last)]).expert_out
         out.copy_(torch.where(is_poison(res), out, res))
 
@@ -281,11 +252,7 @@ def test_host_side_matches_cpu_backend(fake_target, name, bugs):
     for field in ("recv_topk_ids", "recv_topk_weights", "recv_hidden", "recv_token_index",
                   "recv_counters"):
         assert _bits_equal(getattr(got.dispatch_out, field), getattr(want.dispatch_out, field))
-    assert (got.rejected is None) == (want.rejected is None)
     for g, w in zip(got.ranks, want.ranks, strict=True):
-        if w.sort_out is None:  # rejected (a window past E) or stopped by a finding
-            assert g.sort_out is None
-            break
         assert _bits_equal(g.sort_out.sorted_token_ids, w.sort_out.sorted_token_ids)
         assert _bits_equal(g.experts_out.expert_out, w.experts_out.expert_out)
         assert _bits_equal(g.finalize_out, w.finalize_out)
@@ -294,9 +261,7 @@ def test_host_side_matches_cpu_backend(fake_target, name, bugs):
     if want.lora_out is not None:
         assert _bits_equal(got.lora_out.sorted_token_ids, want.lora_out.sorted_token_ids)
         assert _bits_equal(got.lora_out.num_tokens_post_pad, want.lora_out.num_tokens_post_pad)
-    if want.gating_out is not None:  # the stand-in counts the path the gating kernel took
-        assert got.coverage["cuda.gating_warp_path"] + got.coverage[
-            "cuda.gating_grouped_path"] >= 1
+    assert got.coverage["cuda.gating_warp_path"] >= 1
 
 
 def test_dispatch_routing_matches_cpu_model(fake_target):
@@ -550,11 +515,6 @@ TRIGGERS = [
     (("lora-grid-off-by-one",), "lora-all-slots",
      {"lora_align:adapter-tokens", "lora_align:no-poison"}),
     (("lora-id-unchecked",), "lora-forged-ids", {"lora_align:illegal-access"}),
-    (("grouped-topk-tiny-groups",), "grouped-one-expert-per-group", {"gating:illegal-access"}),
-    (("ep-window-unchecked",), "ep-window-overhang", {"sort_align:illegal-access"}),
-    (("histogram-undersized",), "over-256-duplicates", {"sort_align:illegal-access"}),
-    (("int32-offset-overflow",), "int32-offsets", {"experts:illegal-access"}),
-    (("grid-z-overflow",), "long-prefill", {"finalize:launch-config"}),
 ]
 
 
@@ -606,16 +566,6 @@ def test_disabled_adapter_is_an_illegal_access_in_a_fresh_process(cuda_target):
     if any(f["details"].get("kind") == "illegal-address" for f in out["findings"]):
         assert "restart the process" in out["after"]
     assert execute(demo_cases()["lora-all-slots"], cuda_target).findings == []
-
-
-@gpu
-def test_stale_ids_read_past_expert_map_in_a_fresh_process(cuda_target):
-    """expert-map-stale-ids: padding rows' stale ids (a float's bits, ~1e9) are looked up in
-    expert_map with the sign check alone: gigabytes past the table, a device fault."""
-    out = run_isolated("graph-padding-stale-ids", ("expert-map-stale-ids",))
-    sigs = {f["signature"] for f in out["findings"]}
-    assert "sort_align:illegal-access" in sigs, out
-    assert execute(demo_cases()["graph-padding-stale-ids"], cuda_target).findings == []
 
 
 @gpu

@@ -338,29 +338,3 @@ def test_speed_of_mutation_is_reported():
         decode(mutate(data[i % len(data)], 4096, i))
     per = (time.perf_counter() - start) / n
     print(f"mutate (decode + operators + encode) + decode of a small case: {per * 1e6:.0f} us")
-
-
-# -- production routers: grouped routing, EP windows, logical hidden size ------------------------
-
-
-def test_grouped_routing_reaches_one_expert_per_group_and_production_shapes():
-    outs = [after for _, after in _outcomes("grouped_routing")]
-    grouped = [c for c in outs if c.n_group]
-    assert len(grouped) >= len(outs) // 2
-    assert any(c.num_experts // c.n_group == 1 for c in grouped)
-    assert any(c.num_experts // c.n_group >= 2 and c.topk_group < c.n_group for c in grouped)
-    assert any(c.routed_scaling_factor != 1.0 for c in grouped)
-
-
-def test_ep_windows_give_partitions_and_misconfigurations():
-    outs = [after for _, after in _outcomes("ep_windows") if after.has_windows]
-    assert outs
-    assert any(c.severity == "legal" for c in outs)
-    assert any(any("> num_experts" in v for v in c.contract_violations()) for c in outs)
-
-
-def test_logical_hidden_reaches_offsets_past_int32():
-    outs = [after for _, after in _outcomes("logical_hidden")]
-    past = [c for c in outs if c.logical_hidden_size and geometry.experts_max_offset(
-        c.num_tokens * c.topk, c.row_stride, c.hidden_size) > geometry.INT32_MAX]
-    assert len(past) >= len(outs) // 4

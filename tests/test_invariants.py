@@ -454,14 +454,6 @@ TRIGGERS = {
     "lora-id-unchecked": MoECase(16, 8, 2, max_loras=2, overrides=Overrides(
         lora_ids=torch.tensor([-1, 0, 5], dtype=I32))),
     "lora-disabled-adapter": MoECase(16, 8, 2, max_loras=2, adapter_enabled=(True, False)),
-    "grouped-topk-tiny-groups": MoECase(16, 8, 2, n_group=8, topk_group=4),
-    "expert-map-stale-ids": MoECase(16, 8, 2, overrides=Overrides(
-        topk_ids=torch.tensor([[1, 2]] * 12 + [[3, 8], [4, 70000], [5, 6], [7, 0]], dtype=I32))),
-    "ep-window-unchecked": MoECase(16, 8, 2, ep_size=2, local_expert_offset=(0, 6),
-                                   local_num_experts=(4, 4)),
-    "histogram-undersized": MoECase(300, 8, 2),
-    "int32-offset-overflow": MoECase(4100, 8, 8, hidden_size=2, logical_hidden_size=65536),
-    "grid-z-overflow": MoECase(8192, 8, 8, hidden_size=1),
 }
 
 

@@ -72,19 +72,6 @@ SEEDS = [
     Entry("seeds", MoECase(16, 8, 2, max_loras=3, adapter_enabled=(True, False, True),
                            seed=9),
           "LoRA on: three adapters, one disabled, base-model tokens"),
-    Entry("seeds", MoECase(32, 256, 8, scoring="sigmoid", renormalize=True, seed=10,
-                           correction_bias=Generated(seed=10, scale=0.1), n_group=8,
-                           topk_group=4, routed_scaling_factor=2.5),
-          "grouped routing as DeepSeek-V3: 256 experts in 8 groups, 4 kept, top-8, sigmoid "
-          "with correction bias, renormalised, scaled by 2.5"),
-    Entry("seeds", MoECase(16, 8, 2, seed=11, n_group=8, topk_group=2),
-          "grouped routing with one expert per group: routed by plain top-k (vLLM PR 29439)"),
-    Entry("seeds", MoECase(32, 16, 4, seed=12, ep_size=4, local_expert_offset=(0, 3, 8, 12),
-                           local_num_experts=(3, 5, 4, 4)),
-          "EP windows (local_expert_offset, local_num_experts) partitioning 16 experts "
-          "unevenly over 4 ranks"),
-    Entry("seeds", MoECase(4100, 8, 8, hidden_size=1, seed=13, logical_hidden_size=65536),
-          "a 65,536-wide row stride: the experts store's offsets pass INT32_MAX (64-bit)"),
 ]
 
 BUGS = [
@@ -122,33 +109,6 @@ BUGS = [
                   overrides=Overrides(token_lora_mapping=_i32(0))),
           "one token of a disabled adapter: sorted with never-written offsets",
           ((("lora-disabled-adapter",), "lora_align:illegal-access"),)),
-    Entry("bugs/grouped-topk-tiny-groups",
-          MoECase(1, 2, 1, n_group=2, topk_group=1),
-          "grouped routing with one expert per group: the top-2 of a group of 1 writes past "
-          "the row",
-          ((("grouped-topk-tiny-groups",), "gating:illegal-access"),)),
-    Entry("bugs/expert-map-stale-ids",
-          MoECase(1, 2, 2, overrides=Overrides(topk_ids=_i32(0, 0x3F800000).view(1, 2))),
-          "a padding row from torch.empty: a route and a stale id (1.0f's bits) that the "
-          "sign check lets through to expert_map (out of contract)",
-          ((("expert-map-stale-ids",), "sort_align:illegal-access"),)),
-    Entry("bugs/ep-window-unchecked",
-          MoECase(1, 2, 1, local_expert_offset=(1,), local_num_experts=(2,)),
-          "an EP window [1, 3) over 2 experts: rejected when fixed, written past the "
-          "histogram without the check (out of contract)",
-          ((("ep-window-unchecked",), "sort_align:illegal-access"),)),
-    Entry("bugs/histogram-undersized",
-          MoECase(257, 1, 1, hidden_size=1),
-          "T=257 (three-step sort) with one expert: a 256-entry histogram cleared over 512",
-          ((("histogram-undersized",), "sort_align:illegal-access"),)),
-    Entry("bugs/int32-offset-overflow",
-          MoECase(32769, 1, 1, hidden_size=1, block_size=1, logical_hidden_size=65536),
-          "32,769 positions at a 65,536-wide row stride: the last store's 32-bit offset wraps",
-          ((("int32-offset-overflow",), "experts:illegal-access"),)),
-    Entry("bugs/grid-z-overflow",
-          MoECase(65536, 1, 1, hidden_size=1, block_size=1),
-          "65,536 tokens at top-1: 65,536 (row, slot) pairs on grid.z",
-          ((("grid-z-overflow",), "finalize:launch-config"),)),
     Entry("bugs/topk-nan-argmax+sort-duplicate-break",
           MoECase(257, 2, 2, patches=_rows(0, 1)),
           "vLLM issue 39244: a NaN row gives duplicate ids, which break the three-step sort "

@@ -261,8 +261,6 @@ class CudaTarget(Target):
     # -- stages --------------------------------------------------------------------------------
 
     def gating(self, inp: GatingInput, ctx: StageContext) -> GatingOutput:
-        if inp.n_group:
-            return self._grouped_gating(inp, ctx)
         T, E = inp.gating_logits.shape
         K = inp.topk
         geometry.validate(geometry.gating_launches(T, E), self.limits)
@@ -281,30 +279,6 @@ class CudaTarget(Target):
         run.run(lambda: self.ext.gating(logits, bias, K, SCORING_CODES[inp.scoring],
                                         bool(inp.renormalize), ids, weights, workspace,
                                         run.bugs, run.coverage))
-        return GatingOutput(ids.cpu(), weights.cpu())
-
-    def _grouped_gating(self, inp: GatingInput, ctx: StageContext) -> GatingOutput:
-        """The grouped router's kernel (DeepSeek-V3), contract checks as the CPU model's."""
-        T, E = inp.gating_logits.shape
-        K, G, TG = inp.topk, inp.n_group, inp.topk_group
-        geometry.validate(geometry.grouped_gating_launches(T), self.limits)
-        if inp.scoring not in SCORING_CODES:
-            raise ContractError("gating", f"unknown scoring {inp.scoring!r}")
-        if not (1 <= G <= E and E % G == 0 and 1 <= TG <= G and 1 <= K <= TG * (E // G)):
-            raise ContractError("gating", f"n_group = {G}, topk_group = {TG}, topk = {K} do "
-                                          f"not group num_experts = {E}")
-        run = _Launch(self, "gating", ctx)
-        logits = run.input("gating_logits", inp.gating_logits.contiguous())
-        bias = None if inp.correction_bias is None else run.input(
-            "correction_bias", inp.correction_bias.to(torch.float32).contiguous())
-        ids = run.output("topk_ids", (T, K), torch.int32)
-        weights = run.output("topk_weights", (T, K), torch.float32)
-        workspace = run.output("workspace", (T, E), torch.float32)
-        scratch = run.output("group_scratch", (T, E), torch.float32)
-        run.run(lambda: self.ext.grouped_gating(
-            logits, bias, K, G, TG, SCORING_CODES[inp.scoring], bool(inp.renormalize),
-            float(inp.routed_scaling_factor), ids, weights, workspace, scratch, run.bugs,
-            run.coverage))
         return GatingOutput(ids.cpu(), weights.cpu())
 
     def dispatch(self, inp: DispatchInput, ctx: StageContext) -> DispatchOutput:
@@ -343,17 +317,9 @@ class CudaTarget(Target):
         E_l, bs = inp.num_local_experts, inp.block_size
         if E_l > 0:
             geometry.validate(geometry.sort_launches(N, E_l), self.limits)
-        E = inp.expert_map.numel()
-        window = inp.local_expert_offset
-        if (window is not None and window + E_l > E
-                and not ctx.bugs.on("ep-window-unchecked")):  # FlashInfer PR 1469's check
-            raise ContractError("sort_align", f"local_expert_offset {window} + "
-                                              f"local_num_experts {E_l} > num_experts {E}")
         run = _Launch(self, "sort_align", ctx)
         topk_ids = run.input("topk_ids", inp.topk_ids.to(torch.int32).contiguous())
         expert_map = run.input("expert_map", inp.expert_map.to(torch.int32).reshape(-1))
-        histogram = None if window is None else run.output("expert_histogram", (E,),
-                                                           torch.int32)
         i32 = torch.int32
         counts = run.output("expert_counts", (E_l,), i32)
         offsets = run.output("expert_offsets", (E_l + 1,), i32)
@@ -363,18 +329,10 @@ class CudaTarget(Target):
                                 (geometry.max_num_tokens_padded(N, K, E_l, bs),), i32)
         expert_ids = run.output("expert_ids", (geometry.max_num_m_blocks(N, K, E_l, bs),), i32)
         post_pad = run.output("num_tokens_post_pad", (1,), i32)
-        workspace = run.output("workspace", (self.ext.sort_align_workspace_elems(
-            N, E_l, run.bugs),), i32)
-
-        def launch() -> None:
-            if histogram is not None:  # the window form's per-expert count histogram
-                self.ext.ep_window_histogram(topk_ids, E, window, E_l, histogram, run.bugs,
-                                             run.coverage)
-            self.ext.sort_align(topk_ids, expert_map, E_l, bs, counts, offsets, aligned,
-                                permuted, sorted_ids, expert_ids, post_pad, workspace, run.bugs,
-                                run.coverage)
-
-        run.run(launch)
+        workspace = run.output("workspace", (self.ext.sort_align_workspace_elems(N, E_l),), i32)
+        run.run(lambda: self.ext.sort_align(topk_ids, expert_map, E_l, bs, counts, offsets,
+                                            aligned, permuted, sorted_ids, expert_ids, post_pad,
+                                            workspace, run.bugs, run.coverage))
         return SortAlignOutput(counts.cpu(), offsets.cpu(), aligned.cpu(), permuted.cpu(),
                                sorted_ids.cpu(), expert_ids.cpu(), int(post_pad.cpu()[0]))
 
@@ -393,16 +351,6 @@ class CudaTarget(Target):
         expert_ids_host[:min(B, given.numel())] = given[:B]
         post_pad_value = max(min(int(inp.num_tokens_post_pad), 2**31 - 1), -2**31)
 
-        # With int32-offset-overflow, stores whose 32-bit offset wrapped land up to
-        # `wrapped_rows` rows before the output: its leading guard covers them (up to
-        # MAX_GUARD_BYTES), so such a store hits a redzone, not another allocation.
-        S = inp.row_stride or H
-        lead = REDZONE_BYTES
-        P = inp.sorted_token_ids.numel()
-        if (ctx.bugs.on("int32-offset-overflow")
-                and geometry.experts_max_offset(P, S, H) > geometry.INT32_MAX):
-            need = 4 * (geometry.wrapped_rows(S) * H + S) + REDZONE_BYTES
-            lead = need if need <= MAX_GUARD_BYTES else REDZONE_BYTES
         run = _Launch(self, "experts", ctx)
         hidden = run.input("hidden_states", inp.hidden_states.contiguous())
         weights = run.input("expert_weights", inp.expert_weights.to(torch.float32).contiguous())
@@ -411,21 +359,19 @@ class CudaTarget(Target):
         expert_ids = run.input("expert_ids", expert_ids_host)
         post_pad = run.input("num_tokens_post_pad",
                              torch.tensor([post_pad_value], dtype=torch.int32))
-        out = run.output("expert_out", (sorted_ids.numel(), H), torch.float32, lead=lead)
+        out = run.output("expert_out", (sorted_ids.numel(), H), torch.float32)
 
         def launch() -> None:
             for first, last in chunks:
                 self.ext.experts(hidden, weights, sorted_ids, expert_ids, post_pad, K, bs,
-                                 first, last, out, run.bugs, run.coverage, row_stride=S)
+                                 first, last, out, run.bugs, run.coverage)
 
         run.run(launch)
         return ExpertsOutput(out.cpu(), len(chunks))
 
     def finalize(self, inp: FinalizeInput, ctx: StageContext) -> torch.Tensor:
         N, H = inp.topk_weights.shape[0], inp.expert_out.shape[1]
-        K = inp.topk_weights.shape[1]
-        geometry.validate(geometry.finalize_launches(N, K, ctx.bugs.on("grid-z-overflow")),
-                          self.limits)
+        geometry.validate(geometry.finalize_launches(N), self.limits)
         run = _Launch(self, "finalize", ctx)
         expert_out = run.input("expert_out", inp.expert_out.to(torch.float32).contiguous())
         permuted = run.input("permuted_row", inp.permuted_row.to(torch.int32).reshape(-1))

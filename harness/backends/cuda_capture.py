@@ -219,7 +219,7 @@ class ChainGraph:
             ("expert_counts", (E,)), ("expert_offsets", (E + 1,)), ("aligned_offsets", (E + 1,)),
             ("permuted_row", (S * K,)), ("sorted_token_ids", (P,)), ("expert_ids", (B,)),
             ("num_tokens_post_pad", (1,)),
-            ("workspace", (int(target.ext.sort_align_workspace_elems(S, E, key.bugs)),)))]
+            ("workspace", (int(target.ext.sort_align_workspace_elems(S, E)),)))]
         specs += [("expert_out", "experts", (P, H), f32, "poison"),
                   ("out", "finalize", (S, H), f32, "poison"),
                   ("coverage", "graph", (target.coverage_words,), i32, "zero"),

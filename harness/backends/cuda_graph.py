@@ -103,8 +103,6 @@ def eager_reason(case: MoECase, config: GraphConfig) -> str | None:
         return "faults are injected between stages, on the host"
     if case.overrides.topk_ids is not None or case.overrides.recv_counters is not None:
         return "the case overrides a stage input past gating"
-    if case.n_group or case.has_windows or case.logical_hidden_size:
-        return "grouped routing, EP windows and a logical hidden size are not captured"
     if case.num_tokens > config.max_size:
         return f"num_tokens = {case.num_tokens} > the largest capture size {config.max_size}"
     return None

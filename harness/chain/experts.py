@@ -19,13 +19,6 @@ here; `sort-duplicate-break` restores the finalize that shipped with that sort a
 permutation (only -1 skipped): the unset entries a duplicate leaves are dereferenced, the
 illegal access of vLLM issue 39244.
 
-The experts store computes its output offset as position * S + column, S the row stride
-(`row_stride`, a production hidden size, of which the harness computes the first H columns):
-64-bit when fixed; with `int32-offset-overflow` in 32 bits (SGLang PR 4727, vLLM PR 50220), so
-past INT32_MAX it wraps negative and the store lands before the buffer. Finalize runs one CTA
-per row on grid.x; `grid-z-overflow` launches one per (row, slot) pair on grid.z (FreeToken
-issue 186), which `geometry.validate` rejects above 65535 pairs.
-
 Contract: the sort stage's outputs for the same ids (faults may corrupt them; a fixed kernel
 still never reads out of bounds where its indices are in range).
 """
@@ -52,7 +45,7 @@ FINALIZE_CHUNK_FLOATS = 1 << 22
 class ExpertsInput:
     """hidden_states [N, H]; expert_weights [E_l, H, H] fp32 (the rank's local experts);
     sorted_token_ids [max_num_tokens_padded] int32; expert_ids [max_num_m_blocks] int32;
-    num_tokens_post_pad int; topk K; block_size; row_stride S >= H (0: H)."""
+    num_tokens_post_pad int; topk K; block_size."""
 
     hidden_states: torch.Tensor
     expert_weights: torch.Tensor
@@ -61,9 +54,6 @@ class ExpertsInput:
     num_tokens_post_pad: int
     topk: int
     block_size: int
-    #: the row stride S of expert_out in the store's offset arithmetic (0: H): a logical
-    #: [P, S] output of which the first H columns are computed and stored
-    row_stride: int = 0
 
 
 @dataclass(eq=False)
@@ -114,42 +104,19 @@ def experts_over_chunks(inp: ExpertsInput, ctx: StageContext,
     if len(chunks) > 1:
         ctx.cover("experts.launch.multi_chunk")
     sub = max(1, SUB_CHUNK_FLOATS // (bs * H + H * H))
-    S = inp.row_stride or H
-    # 32-bit offsets (int32-offset-overflow) matter only where some offset passes INT32_MAX
-    wraps = (ctx.bugs.on("int32-offset-overflow")
-             and geometry.experts_max_offset(P, S, H) > geometry.INT32_MAX)
     for first, last in chunks:
         end = min(last, active_blocks)
         ctx.cover("experts.block.early_exit", last - max(first, end))
         for b0 in range(first, end, sub):
             _run_blocks(b0, min(b0 + sub, end), bs, K, hidden, weights, sorted_ids,
-                        expert_ids, out_rows, ctx, S if wraps else 0)
-    if geometry.experts_max_offset(min(active_blocks * bs, P), S, H) > geometry.INT32_MAX:
-        ctx.cover("experts.offset.past_int32")
+                        expert_ids, out_rows, ctx)
     return ExpertsOutput(out_rows, len(chunks))
-
-
-def _check_offsets(positions: torch.Tensor, row_stride: int, H: int, P: int) -> None:
-    """The store of SGLang PR 4727 / vLLM PR 50220 before their fix: `position * row_stride
-    + column` in 32 bits. Raise `IllegalAccess` at the first written (position, column < H)
-    whose wrapped offset is negative, i.e. lands before the output; an offset that wraps
-    past 2**32 to a positive one would overwrite another row in range (not modelled)."""
-    low = (positions.long() * row_stride).remainder(2**32)  # the wrapped offset of column 0
-    # a column j < H wraps negative where low + j reaches [2**31, 2**32)
-    first_j = torch.where(low >= 2**31, 0, 2**31 - low)
-    hit = first_j < H
-    if bool(hit.any()):
-        i = int(torch.nonzero(hit)[0])
-        wrapped = int(geometry.wrap_int32(low[i] + first_j[i]))
-        raise IllegalAccess(STAGE, "expert_out", wrapped, P * row_stride,
-                            "out-of-bounds write (32-bit offset wrapped)")
 
 
 def _run_blocks(b0: int, b1: int, bs: int, K: int, hidden: torch.Tensor,
                 weights: torch.Tensor, sorted_ids: torch.Tensor, expert_ids: torch.Tensor,
-                out_rows: torch.Tensor, ctx: StageContext, wrap_stride: int = 0) -> None:
-    """The CTAs of blocks [b0, b1), vectorised: a batched [bs, H] @ [H, H] per block.
-    `wrap_stride` > 0: the stores' offsets are 32-bit with that row stride."""
+                out_rows: torch.Tensor, ctx: StageContext) -> None:
+    """The CTAs of blocks [b0, b1), vectorised: a batched [bs, H] @ [H, H] per block."""
     nb, E_l, sentinel = b1 - b0, weights.shape[0], hidden.shape[0] * K
     p0, p1 = b0 * bs, min(b1 * bs, sorted_ids.numel())  # positions inside the buffers
     e = _read_range("expert_ids", expert_ids, b0, b1)
@@ -170,9 +137,6 @@ def _run_blocks(b0: int, b1: int, bs: int, K: int, hidden: torch.Tensor,
     ctx.cover("experts.position.computed", n_write)
     if n_write == 0:
         return
-    if wrap_stride:
-        written = p0 + torch.nonzero(write.view(-1)[: p1 - p0]).squeeze(1)
-        _check_offsets(written, wrap_stride, hidden.shape[1], sorted_ids.numel())
     rows = _gather_rows(STAGE, "hidden_states", hidden,
                         torch.where(write, x // K, 0).flatten()).view(nb, bs, -1)
     w = _gather_rows(STAGE, "expert_weights", weights, torch.where(e_ok, e, 0))
@@ -218,7 +182,7 @@ def finalize_cpu(inp: FinalizeInput, ctx: StageContext) -> torch.Tensor:
     """
     N, K = inp.topk_weights.shape
     P, H = inp.expert_out.shape
-    geometry.validate(geometry.finalize_launches(N, K, ctx.bugs.on("grid-z-overflow")))
+    geometry.validate(geometry.finalize_launches(N))
     rows = inp.permuted_row.reshape(N, K)
     # the trusting finalize dereferences every row but -1 (`_gather_rows` checks the bounds)
     ok = (rows != -1) if ctx.bugs.on("sort-duplicate-break") else (rows >= 0) & (rows < P)

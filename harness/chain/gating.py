@@ -24,9 +24,6 @@ duplicate ids ([0, 0, ...]).
 
 Renormalisation (optional): weights / (sum > 0 ? sum : 1), summed in fp32.
 
-Grouped routing (`n_group >= 1`, DeepSeek-V3 / Kimi-K2) is another kernel:
-`harness.chain.grouped_topk`.
-
 Contract: any float logits, NaN/Inf included (legal: CUDA-graph padding rows); 1 <= K <= E.
 """
 
@@ -39,7 +36,6 @@ import torch
 
 from harness import geometry
 from harness.chain import StageContext
-from harness.chain.grouped_topk import grouped_topk_cpu
 from harness.errors import ContractError
 from harness.geometry import uses_warp_path
 from harness.memory import CheckedBuffer
@@ -69,10 +65,6 @@ class GatingInput:
     topk: int
     scoring: str = "softmax"
     renormalize: bool = False
-    #: grouped routing (harness.chain.grouped_topk) when >= 1; 0: the plain top-k kernels
-    n_group: int = 0
-    topk_group: int = 0
-    routed_scaling_factor: float = 1.0
 
 
 @dataclass(eq=False)
@@ -95,8 +87,6 @@ def gating_cpu(inp: GatingInput, ctx: StageContext) -> GatingOutput:
     (gating.renorm.unit_denominator) and rows with a duplicate id (gating.duplicate_rows).
     """
     E = inp.gating_logits.shape[1]
-    if inp.n_group:
-        return GatingOutput(*grouped_topk_cpu(inp, ctx))
     if uses_warp_path(E):
         ctx.cover("gating.path.warp")
         return _warp_path(inp, ctx)

@@ -50,19 +50,14 @@ def _faulted(case: MoECase, boundary: str, out):
 
 
 @functools.lru_cache(maxsize=64)
-def _ownership(num_experts: int, ep_size: int, expert_to_rank: tuple[int, ...] | None,
-               windows: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+def _ownership(num_experts: int, ep_size: int, expert_to_rank: tuple[int, ...] | None
                ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
     """(rank_of_expert [E] int32, expert_map [ep, E] int32, each rank's global expert ids
-    (int64; with EP windows, the window clipped to [0, E))): constants of the expert
-    placement, computed once per placement (read-only)."""
-    offsets, counts = windows or (None, None)
-    case = MoECase(1, num_experts, 1, ep_size=ep_size, expert_to_rank=expert_to_rank,
-                   local_expert_offset=offsets, local_num_experts=counts)
+    (int64)): constants of the expert placement, computed once per placement (read-only)."""
+    case = MoECase(1, num_experts, 1, ep_size=ep_size, expert_to_rank=expert_to_rank)
     owner = case.rank_of_expert()
-    expert_map = case.expert_map()
-    local = tuple(torch.nonzero(expert_map[r] >= 0).flatten() for r in range(ep_size))
-    return owner, expert_map, local
+    local = tuple(torch.nonzero(owner == r).flatten() for r in range(ep_size))
+    return owner, case.expert_map(), local
 
 
 def recv_garbage(case: MoECase) -> torch.Tensor:
@@ -151,8 +146,7 @@ def _run(case: MoECase, target: Target, ctx: StageContext, res: RunResult) -> No
     # 1. gating (skipped when the case enters the chain at topk_ids)
     if o.topk_ids is None:
         res.gating_in = GatingInput(t.gating_logits, t.correction_bias, K, case.scoring,
-                                    case.renormalize, case.n_group, case.topk_group,
-                                    case.routed_scaling_factor)
+                                    case.renormalize)
         res.gating_out = _call(res, "gating", target.gating, res.gating_in, ctx)
         routed = _faulted(case, "gating", res.gating_out)
     else:
@@ -168,11 +162,8 @@ def _run(case: MoECase, target: Target, ctx: StageContext, res: RunResult) -> No
         res.lora_out = _call(res, "lora_align", target.lora_align, res.lora_in, ctx)
 
     # 2. dispatch + sanitize
-    windows = ((case.local_expert_offset, case.local_num_experts) if case.has_windows
-               else None)
     owner, expert_map, local_experts = _ownership(case.num_experts, case.ep_size,
-                                                  case.expert_to_rank, windows)
-    num_local = case.local_experts() if case.has_windows else None
+                                                  case.expert_to_rank)
     res.dispatch_in = DispatchInput(routed.topk_ids, routed.topk_weights, t.hidden_states,
                                     owner, case.ep_size, case.recv_slots,
                                     recv_garbage(case), o.recv_counters)
@@ -187,17 +178,14 @@ def _run(case: MoECase, target: Target, ctx: StageContext, res: RunResult) -> No
         res.ranks.append(rr)
         local = local_experts[r]
         rr.sort_in = SortAlignInput(recv.recv_topk_ids[r].reshape(ep * M, K), expert_map[r],
-                                    local.numel() if num_local is None else num_local[r],
-                                    case.block_size,
-                                    None if num_local is None else case.local_expert_offset[r])
+                                    local.numel(), case.block_size)
         rr.sort_out = _call(res, "sort_align", target.sort_align, rr.sort_in, ctx)
         aligned = _faulted(case, "sort_align", rr.sort_out)
-        weights = (t.expert_weights if ep == 1 and num_local is None
-                   else t.expert_weights.index_select(0, local))
+        weights = t.expert_weights if ep == 1 else t.expert_weights.index_select(0, local)
         rr.experts_in = ExpertsInput(recv.recv_hidden[r].reshape(ep * M, H),
                                      weights, aligned.sorted_token_ids,
                                      aligned.expert_ids, aligned.num_tokens_post_pad, K,
-                                     case.block_size, case.logical_hidden_size)
+                                     case.block_size)
         rr.experts_out = _call(res, "experts", target.experts, rr.experts_in, ctx)
         computed = _faulted(case, "experts", rr.experts_out)
         rr.finalize_in = FinalizeInput(computed.expert_out, aligned.permuted_row,

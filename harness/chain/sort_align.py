@@ -20,17 +20,7 @@ for e is counted (duplicate ids get consecutive positions). With `sort-duplicate
 per-row search `break`s at the first matching slot: a duplicate slot is neither counted nor
 written, and its `permuted_row` entry keeps whatever memory held (poison).
 
-The three-step path keeps an expert-count histogram [counts | aligned offsets] in a workspace
-allocated from E_l and cleared over 2 * max(E_l, 256) entries (`histogram-undersized`, TRT-LLM
-PR 5519: allocated 2 * E_l rounded up to 256, so E_l <= 128 overruns it). The window form
-(`local_expert_offset`, FlashInfer / TRT-LLM) maps id -> id - offset instead of expert_map and
-counts the window into a histogram over the global ids [E]; a window past E is rejected
-(`ContractError`, FlashInfer PR 1469; `ep-window-unchecked` writes past the histogram). With
-`expert-map-stale-ids` (vLLM issue 41834) the guard before expert_map[id] is the sign check
-alone: an id >= E reads past the table.
-
-Contract: any int32 ids (out-of-range and -1 skipped); duplicates handled; a window inside
-[0, E).
+Contract: any int32 ids (out-of-range and -1 skipped); duplicates handled.
 """
 
 from __future__ import annotations
@@ -41,7 +31,6 @@ import torch
 
 from harness import geometry
 from harness.chain import StageContext
-from harness.errors import ContractError
 from harness.memory import CheckedBuffer, framed
 
 STAGE = "sort_align"
@@ -50,17 +39,12 @@ STAGE = "sort_align"
 @dataclass(eq=False)
 class SortAlignInput:
     """topk_ids [N, K] int32 global ids; expert_map [E] int32 (global -> local, -1 = not
-    owned); num_local_experts E_l; block_size; local_expert_offset (the window form) or
-    None."""
+    owned); num_local_experts E_l; block_size."""
 
     topk_ids: torch.Tensor
     expert_map: torch.Tensor
     num_local_experts: int
     block_size: int
-    #: the EP window form (FlashInfer / TRT-LLM): local id = global id - local_expert_offset
-    #: for ids in [0, E) within [offset, offset + num_local_experts); None: expert_map.
-    #: expert_map then holds the same mapping (the window clipped to [0, E)), for the oracle.
-    local_expert_offset: int | None = None
 
 
 @dataclass(eq=False)
@@ -92,56 +76,6 @@ def _local_ids(inp: SortAlignInput) -> torch.Tensor:
     # [0, E_l) stays, anything else becomes E_l (-1 wraps round to E_l)
     entry = inp.expert_map.to(torch.int32).clamp(-1, E_l).remainder(E_l + 1)
     return framed(entry, E_l).index_select(0, flat.clamp(-1, E) + 1)
-
-
-def _window_local_ids(inp: SortAlignInput) -> torch.Tensor:
-    """`_local_ids` of the window form: id - local_expert_offset where the id is in [0, E)
-    and inside the window, E_l elsewhere. No table is read."""
-    flat = inp.topk_ids.reshape(-1).long()
-    E, E_l = inp.expert_map.numel(), inp.num_local_experts
-    local = flat - int(inp.local_expert_offset)
-    owned = (flat >= 0) & (flat < E) & (local >= 0) & (local < E_l)
-    return torch.where(owned, local, E_l).to(torch.int32)
-
-
-def _check_window(inp: SortAlignInput, ctx: StageContext) -> None:
-    """The window's per-expert count histogram over the global ids [E]: its window is
-    cleared, then counted into (TRT-LLM routing's mPtrExpertCounts). Fixed, a window past E is
-    rejected first (FlashInfer PR 1469); with `ep-window-unchecked` the clear writes past the
-    histogram's end."""
-    E, E_l, offset = inp.expert_map.numel(), inp.num_local_experts, int(inp.local_expert_offset)
-    ctx.cover("sort_align.form.window")
-    if offset + E_l > E and not ctx.bugs.on("ep-window-unchecked"):
-        ctx.cover("sort_align.window.rejected")
-        raise ContractError(STAGE, f"local_expert_offset {offset} + local_num_experts {E_l} > "
-                                   f"num_experts {E}")
-    histogram = CheckedBuffer(STAGE, "expert_histogram", E, torch.int32)
-    histogram.write(torch.arange(offset, offset + E_l), 0)
-    flat = inp.topk_ids.reshape(-1).long()
-    mine = flat[(flat >= offset) & (flat < min(offset + E_l, E))]
-    histogram.data.index_add_(0, mine, torch.ones_like(mine, dtype=torch.int32))
-
-
-def _check_stale_ids(inp: SortAlignInput, ctx: StageContext) -> None:
-    """`expert-map-stale-ids`: the guard before expert_map[id] is `id < 0` alone, so a stale
-    id >= E (torch.empty memory in CUDA-graph padding rows) is looked up past the table."""
-    flat = inp.topk_ids.reshape(-1)
-    stale = flat[flat >= inp.expert_map.numel()]
-    if stale.numel():
-        ctx.cover("sort_align.stale_id_lookups", stale.numel())
-        CheckedBuffer.wrap(STAGE, "expert_map", inp.expert_map).read(stale)
-
-
-def _histogram(ctx: StageContext, counts: torch.Tensor, aligned: torch.Tensor) -> None:
-    """The three-step sort's expert-count histogram [counts | aligned offsets]: allocated
-    from the expert count, cleared over `sort_histogram_clear_elems` (TensorRT-LLM PR 5519:
-    `histogram-undersized` allocates 2 * E_l rounded up to 256, less than the clear for
-    E_l <= 128)."""
-    E_l = counts.numel()
-    size = geometry.sort_histogram_elems(E_l, ctx.bugs.on("histogram-undersized"))
-    histogram = CheckedBuffer(STAGE, "expert_count_histogram", size, torch.int32)
-    histogram.write(torch.arange(geometry.sort_histogram_clear_elems(E_l)), 0)
-    histogram.write(torch.arange(2 * E_l), torch.cat([counts, aligned[:-1]]))
 
 
 def _cover_skips(inp: SortAlignInput, ctx: StageContext, skipped: int) -> None:
@@ -244,13 +178,7 @@ def sort_align_cpu(inp: SortAlignInput, ctx: StageContext, cases: int = 1) -> So
         geometry.validate(geometry.sort_launches(N // cases, E_l // cases))
     else:  # a rank owning no experts launches nothing; every pair is skipped
         ctx.cover("sort_align.no_local_experts")
-    if inp.local_expert_offset is not None:
-        _check_window(inp, ctx)
-        local = _window_local_ids(inp)
-    else:
-        if ctx.bugs.on("expert-map-stale-ids"):
-            _check_stale_ids(inp, ctx)
-        local = _local_ids(inp)
+    local = _local_ids(inp)
     totals = torch.bincount(local, minlength=E_l + 1)  # per expert, then the skipped
     n_skipped = int(totals[E_l])
     if n_skipped:
@@ -270,8 +198,6 @@ def sort_align_cpu(inp: SortAlignInput, ctx: StageContext, cases: int = 1) -> So
         ctx.cover("sort_align.path.single_block", cases)
         result = _single_block(local, totals, bs, K)
     counts, expert_offsets, aligned_offsets, x, position, skipped, n_dup = result
-    if geometry.sort_uses_three_step(N) and E_l > 0:
-        _histogram(ctx, counts.to(torch.int32), aligned_offsets)
     ctx.cover("sort_align.duplicates", n_dup)
     num_tokens_post_pad, n_empty = torch.stack(
         [aligned_offsets[-1], (counts == 0).sum()]).tolist()

@@ -11,10 +11,8 @@ A file is `{"schema": 1, "case": {...}, "meta": {...}}`, pretty-printed with sor
   Tensors are `{"dtype", "shape", "data"}` with a flat list (<= 64 elements, written only
   when it round-trips bit-exactly) or `{"dtype", "shape", "b64"}`: base64 of little-endian
   bytes. dtypes: int32, float32, float16, bfloat16. A hand-written file may omit the case's
-  optional fields (their defaults apply); `save` writes them all, except those added later
-  when at their defaults (`graph_padding` "zero", grouped routing `n_group` / `topk_group` 0
-  and `routed_scaling_factor` 1, EP windows `local_expert_offset` / `local_num_experts`
-  null, `logical_hidden_size` 0): leaving them out keeps the hashes of older cases.
+  optional fields (their defaults apply); `save` writes them all, except `graph_padding` at
+  its default "zero" (added later: leaving it out keeps the hashes of older cases).
 - `meta` (`CaseMeta`, optional) says where the case came from and what each backend is
   expected to report with which bug variants on.
 
@@ -344,16 +342,10 @@ _CASE_DECODE: dict[str, Callable[[Any, str], Any]] = {
     "adapter_enabled": _optional(_tuple_of(_bool)), "overrides": _overrides_from_json,
     "faults": _tuple_of(_fault),
     "graph_padding": _choice(GRAPH_PADDINGS),
-    "n_group": _int, "topk_group": _int, "routed_scaling_factor": _float,
-    "local_expert_offset": _optional(_tuple_of(_int)),
-    "local_num_experts": _optional(_tuple_of(_int)),
-    "logical_hidden_size": _int,
 }
 _CASE_REQUIRED = ("num_tokens", "num_experts", "topk")
 #: optional fields written only away from their default, so adding one kept old hashes
-_OMIT_AT_DEFAULT = {"graph_padding": "zero", "n_group": 0, "topk_group": 0,
-                    "routed_scaling_factor": 1.0, "local_expert_offset": None,
-                    "local_num_experts": None, "logical_hidden_size": 0}
+_OMIT_AT_DEFAULT = {"graph_padding": "zero"}
 
 
 def _case_error(err: CaseError, path: str) -> CorpusError:
@@ -371,10 +363,6 @@ def case_to_json(case: MoECase) -> dict[str, Any]:
             correction_bias=_source_to_json(case.correction_bias, "case.correction_bias"),
             patches=[_record_to_json(p) for p in case.patches],
             expert_to_rank=None if case.expert_to_rank is None else list(case.expert_to_rank),
-            local_expert_offset=(None if case.local_expert_offset is None
-                                 else list(case.local_expert_offset)),
-            local_num_experts=(None if case.local_num_experts is None
-                               else list(case.local_num_experts)),
             adapter_enabled=(None if case.adapter_enabled is None
                              else list(case.adapter_enabled)),
             overrides={k: tensor_to_json(t, f"case.overrides.{k}")

@@ -6,9 +6,7 @@ injected faults; `case.severity` says which), and `encode` writes a case back, s
 byte mutations and the structured mutators (`harness.fuzz.mutators`) work on one corpus.
 
 Layout, format version 1: a header byte (the version; every value decodes as version 1 for
-now), then the fields in dependency order (see `decode`); fields added later are appended at
-the end (grouped routing, EP windows, the logical hidden size), so older inputs, which end
-before them, decode to the defaults and keep their meaning. A `_Reader` yields 0 once the bytes
+now), then the fields in dependency order (see `decode`). A `_Reader` yields 0 once the bytes
 run out, like atheris' FuzzedDataProvider but deterministic and invertible: a short input is a
 small default case, and trailing zero bytes never matter (`encode` drops them). A field is a
 selector byte that picks from a weighted table of interesting values (T near 1, powers of two,
@@ -45,9 +43,7 @@ from harness.case import (
     GRAPH_PADDINGS,
     MAX_EP,
     MAX_EXPERTS,
-    MAX_LOGICAL_HIDDEN,
     MAX_LORAS,
-    MAX_ROUTED_SCALING,
     MAX_TOKENS,
     MAX_TOPK,
     SCORINGS,
@@ -127,10 +123,6 @@ def _f32_bits(x: float) -> int:
     return struct.unpack("<I", struct.pack("<f", x))[0]
 
 
-#: routed_scaling_factor values (DeepSeek-V3 2.5, Kimi-K2 2.827)
-SCALING_FACTORS = (1.0, 2.5, 2.827, 16.0, 0.5, 1e-3, 1e4)
-#: row strides of production MoE layers (hidden and fused intermediate sizes), 0 = H
-LOGICAL_HIDDEN_SIZES = (0, 7168, 4096, 8192, 16384, 2048, 5120, 14336, 65536, 131072)
 _SMALL_T = _selectors(SMALL_TOKENS, 128)
 _MID_T = _selectors(MID_TOKENS, 192, 128)
 _EXPERTS = _selectors(EXPERTS, 224)
@@ -140,8 +132,6 @@ _HIDDEN = _selectors(HIDDEN_SIZES, 224)
 _SCALES = _selectors(SCALES, 255)
 _LORAS = _selectors(MAX_LORAS_CHOICES, 240)
 _FRACTIONS = _selectors(FRACTIONS, 255)
-_SCALING = _selectors(SCALING_FACTORS, 255)
-_LOGICAL = _selectors(LOGICAL_HIDDEN_SIZES, 255)
 
 
 def _patch_value(s: int) -> float | str:
@@ -267,15 +257,12 @@ class _Writer:
 # -- sizes -------------------------------------------------------------------------------------
 
 
-def launch_thresholds(num_experts: int, topk: int, block_size: int, ep_size: int = 1,
-                      row_stride: int = 0, hidden_size: int = 1
-                      ) -> tuple[tuple[str, int], ...]:
-    """(name, T): the smallest token counts at which a stage's launch changes shape, an
-    unchunked launch crosses a device limit, the (row, slot) pairs pass a grid axis of 65535
-    or (given a `row_stride`) the experts' output offsets pass INT32_MAX, solved from
-    `harness.geometry` for the receive rows ep_size * ceil(T / ep_size) of the busiest rank
-    (the first, which owns ceil(E / ep_size) experts in the default layout). The first four
-    are the codec's token selectors 251..254: new ones go at the end."""
+def launch_thresholds(num_experts: int, topk: int, block_size: int,
+                      ep_size: int = 1) -> tuple[tuple[str, int], ...]:
+    """(name, T): the smallest token counts at which a stage's launch changes shape or an
+    unchunked launch crosses a device limit, solved from `harness.geometry` for the
+    receive rows ep_size * ceil(T / ep_size) of the busiest rank (the first, which owns
+    ceil(E / ep_size) experts in the default layout)."""
     ep = ep_size
     local = math.ceil(num_experts / ep)
 
@@ -290,11 +277,7 @@ def launch_thresholds(num_experts: int, topk: int, block_size: int, ep_size: int
             geometry.overflow_num_tokens(topk, local, block_size, max_y))),
         ("experts.grid_y_x2", tokens_for_rows(
             geometry.overflow_num_tokens(topk, local, block_size, 2 * max_y))),
-        ("finalize.pairs_16bit", tokens_for_rows(
-            geometry.pairs_overflow_rows(topk, geometry.DeviceLimits().max_grid[2]))),
-    ) + ((("experts.int32_offset",  # a rank's positions: about T * K / ep
-           ep * geometry.int32_offset_num_tokens(topk, row_stride, hidden_size)),)
-         if row_stride else ())
+    )
 
 
 def _read_experts(r: _Reader) -> int:
@@ -379,7 +362,7 @@ def _write_tokens(w: _Writer, T: int, E: int, K: int, bs: int, ep: int,
         w.u8(192)
         w.uint(T - 1, 2)
         return
-    for i, (_, at) in enumerate(launch_thresholds(E, K, bs, ep)[:4]):  # selectors 251..254
+    for i, (_, at) in enumerate(launch_thresholds(E, K, bs, ep)):
         if -128 <= T - at <= 127:
             w.u8(251 + i)
             w.u8(_zigzag(T - at))
@@ -701,87 +684,6 @@ def _write_fault(w: _Writer, f: Fault) -> None:
     w.u8((f.bit - 30) % 32)
 
 
-# -- appended fields: grouped routing, EP windows, logical hidden size ------------------------
-
-
-def divisors(n: int) -> tuple[int, ...]:
-    """The divisors of n, ascending (the group counts that split n experts evenly)."""
-    return tuple(d for d in range(1, n + 1) if n % d == 0)
-
-
-def _read_grouped(r: _Reader, E: int, K: int) -> tuple[int, int, float]:
-    """(n_group, topk_group, routed_scaling_factor): a mode byte (3 mod 4: grouped), then
-    n_group among E's divisors, topk_group (raised until the kept groups hold K experts) and
-    the scaling factor (a table, 255: raw float64 clamped into the valid range)."""
-    if r.u8() % 4 != 3:
-        return 0, 0, 1.0
-    groups = divisors(E)
-    G = groups[r.u8() % len(groups)]
-    size = E // G
-    TG = max(1 + r.u8() % G, -(-K // size))
-    s = r.u8()
-    factor = SCALING_FACTORS[s % len(SCALING_FACTORS)] if s < 255 else r.f64()
-    if not (math.isfinite(factor) and 0 < factor <= MAX_ROUTED_SCALING):
-        factor = 1.0
-    return G, TG, factor
-
-
-def _write_grouped(w: _Writer, case: MoECase, E: int, K: int) -> None:
-    groups = divisors(E)
-    G = case.n_group
-    if G not in groups:
-        w.u8(0)
-        return
-    w.u8(3)
-    w.u8(groups.index(G))
-    w.u8(_clamp(case.topk_group, 1, G) - 1)
-    factor = float(case.routed_scaling_factor)
-    s = _SCALING.get(value_key(factor))
-    if s is None:
-        w.u8(255)
-        w.f64(factor)
-    else:
-        w.u8(s)
-
-
-def _read_windows(r: _Reader, ep: int) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
-    """EP windows: a mode byte (3 mod 4: present), then (offset, count) varints per rank,
-    clamped to 0..MAX_EXPERTS."""
-    if r.u8() % 4 != 3:
-        return None, None
-    spans = [(min(r.varint(), MAX_EXPERTS), min(r.varint(), MAX_EXPERTS)) for _ in range(ep)]
-    return tuple(o for o, _ in spans), tuple(n for _, n in spans)
-
-
-def _write_windows(w: _Writer, case: MoECase, ep: int) -> None:
-    if case.local_expert_offset is None or case.local_num_experts is None:
-        w.u8(0)
-        return
-    w.u8(3)
-    offsets = list(case.local_expert_offset[:ep]) + [0] * (ep - len(case.local_expert_offset))
-    counts = list(case.local_num_experts[:ep]) + [0] * (ep - len(case.local_num_experts))
-    for o, n in zip(offsets, counts, strict=True):
-        w.varint(o)
-        w.varint(n)
-
-
-def _read_logical_hidden(r: _Reader, H: int) -> int:
-    """0 (the row stride is H), a production hidden size from a table, or (255) a varint;
-    raised to H, capped at MAX_LOGICAL_HIDDEN."""
-    s = r.u8()
-    S = LOGICAL_HIDDEN_SIZES[s % len(LOGICAL_HIDDEN_SIZES)] if s < 255 else r.varint()
-    return 0 if S == 0 else _clamp(S, H, MAX_LOGICAL_HIDDEN)
-
-
-def _write_logical_hidden(w: _Writer, S: int) -> None:
-    s = _LOGICAL.get(value_key(S)) if S > 0 else 0
-    if s is None:
-        w.u8(255)
-        w.varint(S)
-    else:
-        w.u8(s)
-
-
 # -- the case ----------------------------------------------------------------------------------
 
 
@@ -812,20 +714,12 @@ def decode(data: bytes, limits: CodecLimits = LIMITS) -> MoECase:
     overrides = _read_overrides(r, T, E, K, ep, L, limits)
     faults = tuple(_read_fault(r) for _ in range(_FAULT_COUNT.read(r)))
     graph_padding = GRAPH_PADDINGS[r.u8() % len(GRAPH_PADDINGS)]
-    # appended fields (absent in older inputs: their zero bytes are the defaults)
-    G, TG, factor = _read_grouped(r, E, K)
-    offsets, counts = _read_windows(r, ep)
-    if offsets is not None:
-        expert_to_rank = None  # windows replace the placement
-    S = _read_logical_hidden(r, H)
     return _fit_memory(MoECase(
         num_tokens=T, num_experts=E, topk=K, scoring=scoring, renormalize=renormalize,
         dtype=dtype, hidden_size=H, block_size=bs, seed=seed, logits=logits,
         correction_bias=bias, patches=patches, ep_size=ep, max_tokens_per_rank=M,
         expert_to_rank=expert_to_rank, max_loras=L, adapter_enabled=enabled,
-        overrides=overrides, faults=faults, graph_padding=graph_padding, n_group=G,
-        topk_group=TG, routed_scaling_factor=factor, local_expert_offset=offsets,
-        local_num_experts=counts, logical_hidden_size=S))
+        overrides=overrides, faults=faults, graph_padding=graph_padding))
 
 
 def _fit_memory(case: MoECase) -> MoECase:
@@ -896,9 +790,6 @@ def encode(case: MoECase, strict: bool = True, limits: CodecLimits = LIMITS) -> 
     for f in case.faults[:255]:
         _write_fault(w, f)
     w.u8(GRAPH_PADDINGS.index(case.graph_padding) if case.graph_padding in GRAPH_PADDINGS else 0)
-    _write_grouped(w, case, E, K)
-    _write_windows(w, case, ep)
-    _write_logical_hidden(w, case.logical_hidden_size)
     out = bytes(w.buf).rstrip(b"\0")  # the reader yields the zeros back
     if strict:
         where = difference(case, decode(out, limits))

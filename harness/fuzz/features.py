@@ -76,12 +76,7 @@ def _size_features(case: MoECase) -> list[tuple[str, object]]:
         ("patches", bucket(len(case.patches))), ("faults", bucket(len(case.faults))),
     ]
     out += [(f"fault.{f.boundary}.{f.tensor}", f.kind) for f in case.faults]
-    out += [(f"T.vs.{name}", _vs(T, at)) for name, at in launch_thresholds(
-        E, K, bs, ep, case.logical_hidden_size, case.hidden_size)]
-    # the router, the placement form and the row stride the sizes select
-    out += [("path.router", f"grouped.size={bucket(E // case.n_group)}" if case.n_group
-             else "plain"), ("path.placement", "windows" if case.has_windows else "map"),
-            ("row_stride", bucket(case.row_stride))]
+    out += [(f"T.vs.{name}", _vs(T, at)) for name, at in launch_thresholds(E, K, bs, ep)]
     return out
 
 

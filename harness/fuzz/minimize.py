@@ -56,8 +56,7 @@ class MinimizeResult:
 
 _DEFAULTS = MoECase(1, 1, 1)
 _SIMPLE_FIELDS = ("scoring", "renormalize", "dtype", "seed", "logits", "correction_bias",
-                  "expert_to_rank", "adapter_enabled", "graph_padding", "n_group",
-                  "routed_scaling_factor", "local_expert_offset", "logical_hidden_size")
+                  "expert_to_rank", "adapter_enabled", "graph_padding")
 _PATCH_KIND_RANK = {"cell": 0, "row": 1, "column": 2, "all": 3}
 
 
@@ -141,16 +140,6 @@ def proposals(case: MoECase) -> Iterator[tuple[str, MoECase]]:
 
 def _simplifications(c: MoECase) -> Iterator[tuple[str, MoECase]]:
     d = _DEFAULTS
-    if c.n_group:
-        yield "grouped routing -> plain top-k", dataclasses.replace(
-            c, n_group=0, topk_group=0, routed_scaling_factor=1.0)
-        if c.routed_scaling_factor != 1.0:
-            yield "routed_scaling_factor -> 1", dataclasses.replace(c, routed_scaling_factor=1.0)
-    if c.has_windows:
-        yield "EP windows -> default placement", dataclasses.replace(
-            c, local_expert_offset=None, local_num_experts=None)
-    if c.logical_hidden_size:
-        yield "logical_hidden_size -> H", dataclasses.replace(c, logical_hidden_size=0)
     for name in ("correction_bias", "expert_to_rank", "adapter_enabled", "renormalize",
                  "scoring", "dtype", "seed", "logits", "graph_padding"):
         if _differs(getattr(c, name), getattr(d, name)):

@@ -41,7 +41,7 @@ from harness.case import (
     Patch,
 )
 from harness.errors import ConfigError
-from harness.fuzz.codec import CAPTURE_SIZES, decode, divisors, encode, launch_thresholds
+from harness.fuzz.codec import CAPTURE_SIZES, decode, encode, launch_thresholds
 from harness.fuzz.resize import LIMITS, CodecLimits, reshape, token_cap
 from harness.geometry import WARP_EXPERTS
 
@@ -374,81 +374,6 @@ def ep_layout(case: MoECase, rng: random.Random, limits: CodecLimits) -> MoECase
     return replace(case, max_tokens_per_rank=M, expert_to_rank=e2r)
 
 
-def grouped_routing(case: MoECase, rng: random.Random, limits: CodecLimits) -> MoECase:
-    """Grouped routing as DeepSeek-V3 / Kimi-K2 route: n_group among E's divisors (one group,
-    a few, or one expert per group), topk_group, a routed scaling factor, often with sigmoid
-    scoring and a correction bias; or back to the plain router."""
-    if case.n_group and rng.random() < 0.2:
-        return replace(case, n_group=0, topk_group=0, routed_scaling_factor=1.0)
-    if rng.random() < 0.3:  # a production shape: E = 256 in 8 groups, or 384 in one
-        E, G = rng.choice([(256, 8), (384, 1), (64, 8), (160, 8)])
-        case = reshape(case, limits, E=E, K=min(8, E))
-    E = case.num_experts
-    groups = divisors(E)
-    G = rng.choice([groups[-1], groups[min(1, len(groups) - 1)], rng.choice(groups),
-                    next((g for g in groups if g >= 8), groups[-1])])
-    size = E // G
-    TG = rng.randint(max(1, -(-case.topk // size)), G)
-    changes: dict = {"n_group": G, "topk_group": TG,
-                     "routed_scaling_factor": rng.choice([1.0, 2.5, 2.827, 16.0])}
-    if rng.random() < 0.5:
-        changes["scoring"] = "sigmoid"
-        changes["correction_bias"] = Generated(rng.randrange(2**16), "normal",
-                                               rng.choice([0.01, 0.1, 1.0]))
-    return replace(case, **changes)
-
-
-def ep_windows(case: MoECase, rng: random.Random, limits: CodecLimits) -> MoECase:
-    """Expert-parallel windows (local_expert_offset, local_num_experts) per rank, the
-    FlashInfer / TRT-LLM form: a contiguous partition of [0, E), or a misconfigured one as
-    a launcher may pass it (a window shifted or grown past E, overlapping, leaving experts
-    unowned); or back to the default placement."""
-    if case.has_windows and rng.random() < 0.2:
-        return replace(case, local_expert_offset=None, local_num_experts=None)
-    if case.ep_size == 1 and case.num_experts >= 2 and rng.random() < 0.7:
-        case = reshape(case, limits, ep=rng.choice([2, 2, 4, 8]))
-    ep, E = case.ep_size, case.num_experts
-    cuts = sorted(rng.sample(range(1, E), ep - 1)) if E > ep and rng.random() < 0.5 \
-        else [r * E // ep for r in range(1, ep)]
-    bounds = [0, *cuts, E]
-    offsets = [bounds[r] for r in range(ep)]
-    counts = [bounds[r + 1] - bounds[r] for r in range(ep)]
-    how = rng.choice(["partition", "partition", "past_end", "grow", "overlap", "gap"])
-    r = rng.randrange(ep)
-    if how == "past_end":
-        offsets[r] = min(E - counts[r] + rng.choice([1, 1, 2, counts[r], E]), MAX_EXPERTS)
-    elif how == "grow":
-        counts[r] = min(counts[r] + rng.choice([1, 1, 2, E]), MAX_EXPERTS)
-    elif how == "overlap" and ep > 1:
-        offsets[r] = offsets[(r + 1) % ep]
-    elif how == "gap":
-        counts[r] = max(0, counts[r] - 1)
-    return replace(case, expert_to_rank=None, local_expert_offset=tuple(offsets),
-                   local_num_experts=tuple(counts))
-
-
-def logical_hidden(case: MoECase, rng: random.Random, limits: CodecLimits) -> MoECase:
-    """A production hidden size as the experts' row stride (their offset arithmetic; only
-    the first H columns are computed), often with T where the output offsets pass INT32_MAX
-    (solved from the geometry) after making the sizes cheap enough for that T to fit the
-    codec's limits (a wider stride, fewer experts); or back to H."""
-    if case.logical_hidden_size and rng.random() < 0.2:
-        return replace(case, logical_hidden_size=0)
-    strides = [2048, 4096, 7168, 8192, 14336, 16384, 65536, 131072]
-    S = rng.choice(strides)
-    if rng.random() < 0.4:
-        return replace(case, logical_hidden_size=max(S, case.hidden_size))
-    case = reshape(case, limits, H=rng.choice([1, 2, 4]), E=rng.choice([1, 2, 8, 16]),
-                   K=rng.choice([1, 4, 8]), ep=1)
-    for S in [s for s in strides if s >= S] or strides[-1:]:  # wider until T fits
-        T = dict(launch_thresholds(case.num_experts, case.topk, case.block_size, 1, S,
-                                   case.hidden_size))["experts.int32_offset"]
-        if T <= token_cap(case.num_experts, case.topk, 1, limits):
-            break
-    case = reshape(case, limits, T=T + rng.choice([0, 0, 1, 2, 64]))
-    return replace(case, logical_hidden_size=max(S, case.hidden_size))
-
-
 def simplify(case: MoECase, rng: random.Random, limits: CodecLimits) -> MoECase:
     """Drop one thing: a patch, a fault, an override, an explicit tensor, an optional field."""
     options: list[Callable[[], MoECase]] = []
@@ -465,13 +390,8 @@ def simplify(case: MoECase, rng: random.Random, limits: CodecLimits) -> MoECase:
         options.append(lambda: _with_overrides(case, **drop))
     if isinstance(case.logits, torch.Tensor):
         options.append(lambda: replace(case, logits=Generated(case.seed)))
-    if case.n_group:
-        options.append(lambda: replace(case, n_group=0, topk_group=0, routed_scaling_factor=1.0))
-    if case.has_windows:
-        options.append(lambda: replace(case, local_expert_offset=None, local_num_experts=None))
     for name, default in (("adapter_enabled", None), ("expert_to_rank", None),
-                          ("max_tokens_per_rank", None), ("graph_padding", "zero"),
-                          ("logical_hidden_size", 0)):
+                          ("max_tokens_per_rank", None), ("graph_padding", "zero")):
         if getattr(case, name) != default:
             options.append(lambda name=name, default=default: replace(case, **{name: default}))
     return rng.choice(options)() if options else case
@@ -488,16 +408,14 @@ def reseed(case: MoECase, rng: random.Random, limits: CodecLimits) -> MoECase:
 OPERATORS: dict[str, Operator] = {op.__name__: op for op in (
     special_values, nan_rows, graph_padding, tie_storm, topk_ids, recv_counters, lora_ids,
     lora_all_active, disable_adapter, fault, switch_experts_path, token_threshold,
-    launch_limit, switch_dtype, resize, routing, ep_layout, simplify, reseed,
-    grouped_routing, ep_windows, logical_hidden)}
+    launch_limit, switch_dtype, resize, routing, ep_layout, simplify, reseed)}
 
 DEFAULT_WEIGHTS: dict[str, float] = {
     "special_values": 3.0, "nan_rows": 3.0, "graph_padding": 2.0, "tie_storm": 1.5,
     "topk_ids": 2.0, "recv_counters": 1.5, "lora_ids": 1.5, "lora_all_active": 1.5,
     "disable_adapter": 1.0, "fault": 2.0, "switch_experts_path": 1.5, "token_threshold": 2.0,
     "launch_limit": 0.5, "switch_dtype": 1.0, "resize": 2.0, "routing": 1.0, "ep_layout": 1.5,
-    "simplify": 2.0, "reseed": 1.0, "grouped_routing": 1.5, "ep_windows": 1.5,
-    "logical_hidden": 1.5,
+    "simplify": 2.0, "reseed": 1.0,
 }
 
 
@@ -612,11 +530,9 @@ def crossover(data1: bytes, data2: bytes, max_size: int, seed: int,
     a, b = decode(data1, config.limits), decode(data2, config.limits)
     groups = {
         "sizes": ("num_tokens", "num_experts", "topk", "hidden_size", "block_size"),
-        "routing": ("scoring", "renormalize", "dtype", "correction_bias", "n_group",
-                    "topk_group", "routed_scaling_factor"),
-        "tensors": ("seed", "logits", "graph_padding", "logical_hidden_size"),
-        "ep": ("ep_size", "max_tokens_per_rank", "expert_to_rank", "local_expert_offset",
-               "local_num_experts"),
+        "routing": ("scoring", "renormalize", "dtype", "correction_bias"),
+        "tensors": ("seed", "logits", "graph_padding"),
+        "ep": ("ep_size", "max_tokens_per_rank", "expert_to_rank"),
         "lora": ("max_loras", "adapter_enabled"),
         "overrides": ("overrides",),
     }

@@ -1,18 +1,13 @@
-"""Checks of the routing stages: top-k gating and the all-to-all dispatch + sanitize.
-
-The gating checks are the same for every router; a row's selection and weights are judged by
-the plain top-k statement or, for grouped routing, by `harness.invariants.grouped`."""
+"""Checks of the routing stages: top-k gating and the all-to-all dispatch + sanitize."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 
 from harness import oracle
 from harness.chain.result import RunResult
-from harness.invariants import grouped
 from harness.invariants.common import (
     MASK_VALUE,
     MAX_ENTRIES,
@@ -72,16 +67,15 @@ def gating(res: RunResult, rep: Report) -> None:
     rtol, atol = oracle.tolerance("fp32")  # scores are fp32 by contract, whatever the input
     safe = ids if safe is None else safe
     step = max(1, oracle.GATING_CHUNK_ELEMS // max(E, 1))
-    judge = _judge(inp, E)
     if T <= step:
-        bad_norm, bad_match = judge(inp, logits, safe, w, sel_defined, rtol, atol)
+        bad_norm, bad_match = _gating_rows(inp, logits, safe, w, sel_defined, rtol, atol)
     else:
         bad_norm = torch.zeros(T, dtype=torch.bool)
         bad_match = torch.zeros(T, dtype=torch.bool)
         for r0 in range(0, T, step):
             sl = slice(r0, r0 + step)
-            bad_norm[sl], bad_match[sl] = judge(inp, logits[sl], safe[sl], w[sl],
-                                                sel_defined, rtol, atol)
+            bad_norm[sl], bad_match[sl] = _gating_rows(inp, logits[sl], safe[sl], w[sl],
+                                                       sel_defined, rtol, atol)
     if rows_ok is not None:
         bad_norm &= rows_ok
         bad_match &= rows_ok
@@ -101,23 +95,8 @@ def gating(res: RunResult, rep: Report) -> None:
 def _oracle_rows(inp, rows: torch.Tensor):
     """The oracle's top-k of the offending `rows` only (a failure path: the rows a finding
     shows beside the stage's own, never the whole batch)."""
-    return oracle.gating(dataclasses.replace(inp, gating_logits=inp.gating_logits[rows]))
-
-
-def _judge(inp, E: int):
-    """The row judgement of the router `inp` runs: plain top-k (`_gating_rows`), grouped
-    (`grouped.grouped_rows`), or plain top-k on weights scaled by routed_scaling_factor (a
-    grouped layer with groups of one expert, routed by plain top-k)."""
-    if not inp.n_group:
-        return _gating_rows
-    if E // inp.n_group >= 2:
-        return grouped.grouped_rows
-    factor = float(inp.routed_scaling_factor)
-
-    def scaled(inp, logits, ids, w, sel_defined, rtol, atol):
-        return _gating_rows(inp, logits, ids, w / factor, sel_defined, rtol, atol)
-
-    return scaled
+    return oracle.gating(type(inp)(inp.gating_logits[rows], inp.correction_bias, inp.topk,
+                                   inp.scoring, inp.renormalize))
 
 
 def _repeats(ids: torch.Tensor) -> torch.Tensor | None:
