@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from pathlib import Path
 
 import pytest
@@ -213,14 +212,3 @@ def test_random_inputs_are_mostly_small_but_reach_every_region():
     assert 0 < share["T > 1024"] < 0.05
     assert all(share[k] > 0.1 for k in ("T > 256", "fallback E", "ep > 1", "lora"))
     assert {c.severity for c in cases} == {"legal", "out-of-contract", "fault"}
-
-
-def test_speed_of_small_cases_is_reported():
-    cases = [MoECase(64, 64, 8, renormalize=True), decode(b""), demo_cases()["graph-padding-nan"]]
-    n = 300
-    start = time.perf_counter()
-    for _ in range(n):
-        for case in cases:
-            decode(encode(case, strict=False))
-    per = (time.perf_counter() - start) / (n * len(cases))
-    print(f"encode + decode of a small case: {per * 1e6:.0f} us")

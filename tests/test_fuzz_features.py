@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from types import SimpleNamespace
 
@@ -103,14 +102,3 @@ def test_run_coverage_including_device_counters_becomes_features():
     f = features(fake)
     assert feature_id("cov.cuda.gating_warp", bucket(5)) in f
     assert feature_id("finding", "experts:launch-config") in f
-
-
-def test_speed_is_reported():
-    results = [execute(c) for name, c in demo_cases().items() if c.num_tokens <= 64]
-    n = 100
-    start = time.perf_counter()
-    for _ in range(n):
-        for r in results:
-            features(r)
-    per = (time.perf_counter() - start) / (n * len(results))
-    print(f"features of a small run: {per * 1e6:.0f} us")

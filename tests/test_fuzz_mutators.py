@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -327,14 +326,3 @@ def test_no_variant_names_in_the_fuzzer_modules():
         text = (root / module).read_text()
         for name in VARIANTS:
             assert name not in text, (module, name)
-
-
-def test_speed_of_mutation_is_reported():
-    data = [encode(c) for c in (MoECase(16, 8, 2), MoECase(64, 64, 8),
-                                demo_cases()["graph-padding-nan"])]
-    n = 300
-    start = time.perf_counter()
-    for i in range(n):
-        decode(mutate(data[i % len(data)], 4096, i))
-    per = (time.perf_counter() - start) / n
-    print(f"mutate (decode + operators + encode) + decode of a small case: {per * 1e6:.0f} us")
